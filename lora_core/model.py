@@ -113,6 +113,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             )
         targets = DEFAULT_TARGETS[model_type]
     modules = dict(model.named_modules())
+    root_linear = linear_features(model) is not None  # a bare Linear can be its own target
     saved = [p for p in modules if p and _matches(cfg.effective_modules_to_save(), p)]
     if targets == "all-linear":
         heads = _output_head(model)
@@ -120,7 +121,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
         if not named:
             raise ValueError("target_modules='all-linear': the model has no nn.Linear / Conv1D layers")
     else:
-        named = [p for p in modules if p and _matches(targets, p)]
+        named = [p for p in modules if (p or root_linear) and _matches(targets, p)]
         if isinstance(targets, str) and not named:
             raise ValueError(
                 f"target_modules regex {targets!r} matches no module; close: {_close_names(model, targets)}"

@@ -45,7 +45,9 @@ def layer_case(draw, dtypes=DTYPES):
 
 def _randomize_b(layer: LoRALinear, g: torch.Generator) -> None:
     with torch.no_grad():
-        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g, dtype=layer.lora_B.weight.dtype))
+        layer.lora_B.weight.copy_(
+            torch.randn(layer.lora_B.weight.shape, generator=g, dtype=layer.lora_B.weight.dtype)
+        )
 
 
 @given(layer_case(), st.booleans())
@@ -194,7 +196,9 @@ def test_conv1d_fan_in_fan_out():
     assert torch.equal(layer(x), y0)
     nn.init.normal_(layer.lora_B.weight)
     w = conv.weight.detach().T  # (out, in)
-    expected = lora_linear_ref(x, w, conv.bias.detach(), layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), 2.0)
+    expected = lora_linear_ref(
+        x, w, conv.bias.detach(), layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), 2.0
+    )
     assert_close(layer(x).detach(), expected)
     plain = layer.unload()
     assert type(plain) is type(conv) and plain.weight.shape == (10, 6)
