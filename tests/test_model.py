@@ -1,4 +1,4 @@
-"""Model surgery on plain torch models: targets, freezing, merge/unmerge/unload, errors that change nothing."""
+"""Model surgery on plain torch models: targets, freezing, merge/unmerge/unload; failures change nothing."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def test_errors_name_the_field_and_change_nothing(model):
         lc.apply_lora(model, lc.LoraConfig(r=9, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match="embed"):
         lc.apply_lora(model, lc.LoraConfig(r=1, target_modules=["q_proj", "embed"]))
-    with pytest.raises(ValueError, match="modules_to_save.*head"):
+    with pytest.raises(ValueError, match=r"modules_to_save.*head"):
         lc.apply_lora(model, lc.LoraConfig(r=1, target_modules=["q_proj"], modules_to_save=["head"]))
     with pytest.raises(ValueError, match="target_modules is required"):
         lc.apply_lora(model, lc.LoraConfig())
