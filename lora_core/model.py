@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lora_core.config import LoraConfig
+from lora_core.config import TASK_MODULES_TO_SAVE, LoraConfig
 from lora_core.layers import LoRALinear, linear_features
 
 _CONFIG_ATTR = "_lora_config"
@@ -160,8 +160,9 @@ def find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Paths of the modules trained fully. Names the user listed must exist; ``task_type``'s are optional."""
     paths = [p for p, _ in model.named_modules() if p]
     found = [p for p in paths if _matches(cfg.effective_modules_to_save(), p)]
+    optional = TASK_MODULES_TO_SAVE.get(cfg.task_type or "", ())  # PEFT writes both head names
     for name in cfg.modules_to_save or []:
-        if not any(p == name or p.endswith("." + name) for p in found):
+        if name not in optional and not any(p == name or p.endswith("." + name) for p in found):
             raise ValueError(
                 f"modules_to_save: no module named {name!r}; closest: {_close_names(model, name)}"
             )
