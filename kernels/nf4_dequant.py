@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from lora_core.kernels import interpreter_active
+
 from lora_core.nf4 import NF4Tensor
 
 # Elements each program writes. 8192 bf16 = 16 KiB out per program: with 8 warps that is 64 bytes of
@@ -61,7 +61,9 @@ def check_nf4(q: object, name: str = "q") -> NF4Tensor:
             f"got {q.packed.dtype} with {q.packed.numel()}"
         )
     if q.code.dtype != torch.float32 or q.code.numel() != 16:
-        raise ValueError(f"{name}.code must be float32 with 16 entries, got {q.code.dtype} {tuple(q.code.shape)}")
+        raise ValueError(
+            f"{name}.code must be float32 with 16 entries, got {q.code.dtype} {tuple(q.code.shape)}"
+        )
     want_absmax = torch.uint8 if q.double_quant else torch.float32
     if q.absmax.dtype != want_absmax or q.absmax.numel() != nb:
         raise ValueError(
@@ -70,7 +72,8 @@ def check_nf4(q: object, name: str = "q") -> NF4Tensor:
         )
     if q.double_quant:
         nbs = q.nested_block_size
-        if q.nested_code is None or q.offset is None or not isinstance(nbs, int) or nbs <= 0 or nbs & (nbs - 1):
+        bad_nbs = not isinstance(nbs, int) or nbs <= 0 or nbs & (nbs - 1)
+        if q.nested_code is None or q.offset is None or bad_nbs:
             raise ValueError(
                 f"{name} has nested_absmax but lacks nested_code/offset or a power-of-two nested_block_size"
             )
@@ -81,7 +84,9 @@ def check_nf4(q: object, name: str = "q") -> NF4Tensor:
         tensors += [q.nested_absmax, q.nested_code, q.offset]
     for t in tensors:
         if t.device != q.packed.device:
-            raise ValueError(f"all tensors of {name} must be on one device; found {t.device} and {q.packed.device}")
+            raise ValueError(
+                f"all tensors of {name} must be on one device; found {t.device} and {q.packed.device}"
+            )
     check_device(q.packed, f"{name}.packed")
     return q
 

@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
 from lora_core.kernels.nf4_dequant import (
     block_absmax,
     check_device,
@@ -50,6 +49,7 @@ from lora_core.kernels.nf4_dequant import (
     nf4_dequantize,
     pair_table,
 )
+
 from lora_core.nf4 import NF4Tensor
 
 FUSED_MAX_M = 64  # rows of x up to which the fused kernel runs; above: dequantize + cuBLAS
@@ -262,6 +262,11 @@ def _check_q2d(q: object) -> NF4Tensor:
     return q
 
 
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output/workspace (tests replace this with a NaN-filled one to catch unwritten cells)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _launch_fused(a: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None, grad: bool,
                   cfg: dict[str, int] | None = None) -> torch.Tensor:  # fmt: skip
     """The fused kernel on a 2-D ``a``: forward ``a (M, K) -> (M, N)`` or grad ``a (M, N) -> (M, K)``."""
@@ -273,8 +278,8 @@ def _launch_fused(a: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None, grad
     step = bn if grad else bk
     per_split = triton.cdiv(triton.cdiv(reduce, step), split) * step
     split = triton.cdiv(reduce, per_split)  # slices actually used
-    out = torch.empty((m, n_out), dtype=a.dtype, device=a.device)
-    c = out if split == 1 else torch.empty((split, m, n_out), dtype=torch.float32, device=a.device)
+    out = _alloc((m, n_out), a.dtype, a.device)
+    c = out if split == 1 else _alloc((split, m, n_out), torch.float32, a.device)
     stride_cs = 0 if split == 1 else c.stride(0)
     nested_code, nested_absmax, offset, nested_bs = nested_args(q)
     meta = {
