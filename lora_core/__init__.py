@@ -8,4 +8,31 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__: list[str] = ["__version__"]
+from lora_core.adapters import load_adapter, save_adapter
+from lora_core.config import LoraConfig
+from lora_core.layers import LoRALinear
+from lora_core.model import (
+    TrainableReport,
+    apply_lora,
+    get_lora_config,
+    merge_lora,
+    trainable_parameters,
+    unload_lora,
+    unmerge_lora,
+)
+
+__all__: list[str] = [
+    # LoRA layers and model surgery (issue 4)
+    "LoRALinear",
+    "LoraConfig",
+    "TrainableReport",
+    "__version__",
+    "apply_lora",
+    "get_lora_config",
+    "load_adapter",
+    "merge_lora",
+    "save_adapter",
+    "trainable_parameters",
+    "unload_lora",
+    "unmerge_lora",
+]
