@@ -78,7 +78,7 @@ def test_matches_bitsandbytes(shape, dtype, block_size, log_scale, seed) -> None
 
 @given(rows=st.integers(1, 120), seed=st.integers(0, 2**31 - 1))
 def test_matches_bitsandbytes_many_blocks(rows, seed) -> None:
-    """Thousands of blocks with very different scales: the 8-bit nested codes see every part of their range."""
+    """Many blocks with very different scales: the 8-bit nested codes see every part of their range."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, 257, generator=g) * torch.exp(4 * torch.randn(rows, 1, generator=g))
     check_against_bnb(w, 64)
@@ -141,5 +141,6 @@ def test_serialized_state_is_bitsandbytes_state(double_quant: bool, dtype: torch
         assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
     # ... and bitsandbytes reads ours back to the same values
     q = NF4Tensor.from_bnb_state(quantize_nf4(w, 64, double_quant).to_bnb_state("weight"), "weight")
-    qs = F.QuantState.from_dict({k[len("weight.") :]: v for k, v in q.to_bnb_state().items() if k != "weight"}, "cpu")
+    extras = {k[len("weight.") :]: v for k, v in q.to_bnb_state().items() if k != "weight"}
+    qs = F.QuantState.from_dict(extras, "cpu")
     assert torch.equal(F.dequantize_4bit(q.packed.reshape(-1, 1), qs), dequantize_nf4(q))
