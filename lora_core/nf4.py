@@ -56,7 +56,7 @@ NF4_CODE = (
 )  # fmt: skip
 
 
-@dataclass
+@dataclass(repr=False)
 class NF4Tensor:
     """A weight quantized to NF4: the packed codes plus what it takes to dequantize them.
 
@@ -102,6 +102,13 @@ class NF4Tensor:
     @property
     def device(self) -> torch.device:
         return self.packed.device
+
+    def __repr__(self) -> str:
+        dq = f", double_quant (nested block {self.nested_block_size})" if self.double_quant else ""
+        return (
+            f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, block_size={self.block_size}{dq}, "
+            f"device={self.device}, {self.bits_per_param:.3f} bits/param)"
+        )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors this container holds, by field name (the ``None`` ones left out)."""
