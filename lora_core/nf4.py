@@ -438,7 +438,7 @@ def nf4_matmul_grad_ref(grad_out: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
 
 
 def max_code_gap() -> float:
-    """The widest gap between neighbouring NF4 codes (between 0.7229… and 1.0); half of it bounds the
+    """The widest gap between neighbouring NF4 codes (between -1 and -0.696…); half of it bounds the
     per-element round-trip error in units of the block's absmax."""
     code = NF4_CODE
     return max(b - a for a, b in itertools.pairwise(code))
