@@ -164,3 +164,28 @@ def test_bad_input_to_nf4_linear() -> None:
         nf4_linear(torch.randn(2, 8), q, torch.zeros(5))
     with pytest.raises(TypeError, match="NF4Tensor"):
         nf4_linear(torch.randn(2, 8), torch.randn(4, 8))  # type: ignore[arg-type]
+
+
+def test_apply_lora_nf4_end_to_end(tmp_path) -> None:
+    """apply_lora(quantize="nf4") → QLoRA layers; a training step moves only adapters; unload_lora
+    (dequantize=True) gives a dense model with the same outputs. Needs lora_core.model (feat/lora)."""
+    lc = pytest.importorskip("lora_core.model")
+    from lora_core.config import LoraConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", quantize="nf4", quant_block_size=32)
+    model = lc.apply_lora(model, cfg)
+    assert isinstance(model[0], QLoRALinear) and isinstance(model[2], QLoRALinear)
+    assert model[0].weight.block_size == 32 and model[0].weight.double_quant
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(8, 32)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        y = model(x)
+        dense = lc.unload_lora(model, dequantize=True)
+        assert all(type(m) is nn.Linear for m in (dense[0], dense[2]))
+        assert_close(dense(x), y)
