@@ -168,8 +168,8 @@ def test_bad_input_to_nf4_linear() -> None:
 
 def test_apply_lora_nf4_end_to_end(tmp_path) -> None:
     """apply_lora(quantize="nf4") → QLoRA layers; a training step moves only adapters; unload_lora
-    (dequantize=True) gives a dense model with the same outputs. Needs lora_core.model (feat/lora)."""
-    lc = pytest.importorskip("lora_core.model")
+    (dequantize=True) gives a dense model with the same outputs."""
+    import lora_core.model as lc
     from lora_core.config import LoraConfig
 
     torch.manual_seed(0)
@@ -189,3 +189,19 @@ def test_apply_lora_nf4_end_to_end(tmp_path) -> None:
         dense = lc.unload_lora(model, dequantize=True)
         assert all(type(m) is nn.Linear for m in (dense[0], dense[2]))
         assert_close(dense(x), y)
+
+
+def test_trainable_parameters_counts_the_4bit_base_like_the_dense_model() -> None:
+    """A QLoRA model reports the same totals as its dense twin: NF4 bases count by the elements they stand
+    for, although they are no nn.Parameter."""
+    import lora_core.model as lc
+    from lora_core.config import LoraConfig
+
+    def build(quantize: str) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+        return lc.apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear", quantize=quantize))
+
+    dense, quantized = lc.trainable_parameters(build("none")), lc.trainable_parameters(build("nf4"))
+    assert quantized.total == dense.total == (32 * 64 + 64) + (64 * 16 + 16) + 4 * (32 + 64) + 4 * (64 + 16)
+    assert quantized.trainable == dense.trainable == 4 * (32 + 64) + 4 * (64 + 16)
