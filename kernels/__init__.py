@@ -6,8 +6,8 @@ imported by those modules only, so ``import lora_core`` works on machines withou
 below are loaded on first attribute access (module ``__getattr__``).
 
 - ``nf4_dequantize(q, dtype=torch.bfloat16, out=None)``: NF4 -> dense, bit-exact (``nf4_dequant.py``).
-- ``nf4_matmul(x, q, bias=None)``: ``x @ dequant(q)ᵀ (+ bias)`` (``nf4_matmul.py``).
-- ``nf4_matmul_grad(grad_out, q)``: ``grad_out @ dequant(q)``, the input gradient (``nf4_matmul.py``).
+- ``nf4_matmul(x, q, bias=None)``: ``x @ dequant(q)ᵀ (+ bias)`` (``nf4_gemm.py``).
+- ``nf4_matmul_grad(grad_out, q)``: ``grad_out @ dequant(q)``, the input gradient (``nf4_gemm.py``).
 
 On a machine without a GPU, setting ``TRITON_INTERPRET=1`` before Triton is first imported runs the
 kernels on the CPU (slowly): that is how CI tests them.
@@ -25,17 +25,17 @@ if __name__ != "lora_core.kernels":
 
 import importlib
 import os
-import sys
-import types
 from typing import Any
 
 __all__: list[str] = ["interpreter_active", "nf4_dequantize", "nf4_matmul", "nf4_matmul_grad"]
 
-# public name -> the submodule that defines it (imported, with triton, on first use)
+# public name -> the submodule that defines it (imported, with triton, on first use). The modules are
+# named unlike the functions: the import system binds a submodule as an attribute of its package, which
+# would hide a function of the same name.
 _LAZY = {
     "nf4_dequantize": "nf4_dequant",
-    "nf4_matmul": "nf4_matmul",
-    "nf4_matmul_grad": "nf4_matmul",
+    "nf4_matmul": "nf4_gemm",
+    "nf4_matmul_grad": "nf4_gemm",
 }
 
 
@@ -50,22 +50,6 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value  # later look-ups skip __getattr__
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Keeps ``lora_core.kernels.nf4_matmul`` the *function* once its module ``nf4_matmul.py`` is imported.
-
-    The import system binds every imported submodule as an attribute of its package, which would hide the
-    function of the same name. (Import that module's private names with ``from ... import``.)
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

@@ -209,7 +209,7 @@ def _bench_weight(
     import torch.nn.functional as F
 
     from lora_core.kernels import nf4_dequantize, nf4_matmul, nf4_matmul_grad
-    from lora_core.kernels.nf4_matmul import FUSED_MAX_M, _launch_fused
+    from lora_core.kernels.nf4_gemm import FUSED_MAX_M, _launch_fused
 
     try:
         import bitsandbytes as bnb
