@@ -34,11 +34,6 @@ def png_size(path: Path) -> tuple[int, int]:
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_figure_script_writes_pngs(script: str, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    if script == "make_nf4_figures.py":
-        import lora_core.nf4
-
-        if not hasattr(lora_core.nf4, "quantize_nf4"):  # lands with feat/nf4
-            pytest.skip("lora_core.nf4.quantize_nf4 has not landed on this branch yet")
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / script), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"},
