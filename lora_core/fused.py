@@ -376,8 +376,10 @@ class DoRALinearFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_m, grad_bias, None
 
 
-def _dora_grad_magnitude(spec: LoraSpec, g2: Tensor, yw: Tensor, col_g: Tensor, magnitude: Tensor,
-                         norm: Tensor, bias: Tensor | None, x2: Tensor, xa: Tensor, lora_B: Tensor) -> Tensor:  # fmt: skip
+def _dora_grad_magnitude(
+    spec: LoraSpec, g2: Tensor, yw: Tensor, col_g: Tensor, magnitude: Tensor, norm: Tensor,
+    bias: Tensor | None, x2: Tensor, xa: Tensor, lora_B: Tensor,
+) -> Tensor:  # fmt: skip
     """∂L/∂m = Σ_rows (G ⊙ z) / ‖V‖ (out,), z the un-rescaled output (module docstring)."""
     acc = col_g.dtype
     # Σ_rows G ⊙ y   (with dropout: Σ_rows G ⊙ w, and w is z itself)
