@@ -243,23 +243,18 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``a @ b`` rounded once to ``dtype`` (float32 adapter grads from half inputs: cuBLAS accumulates in
-    float32 and, where torch allows ``out_dtype``, writes float32 directly)."""
+    """``a @ b`` rounded once to ``dtype``: float32 adapter grads from half inputs. On CUDA, cuBLAS writes
+    its float32 accumulator directly (``torch.mm(..., out_dtype=)``); elsewhere the half result is cast."""
+    global _MM_OUT_DTYPE
     if a.dtype != dtype and a.is_cuda and _MM_OUT_DTYPE:
-        return torch.mm(a, b, out_dtype=dtype)
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (TypeError, RuntimeError):  # an older torch, or a dtype pair it does not offer
+            _MM_OUT_DTYPE = False
     return (a @ b).to(dtype)
 
 
-def _probe_mm_out_dtype() -> bool:
-    try:
-        torch.mm(torch.zeros(1, 1, dtype=torch.bfloat16), torch.zeros(1, 1, dtype=torch.bfloat16),
-                 out_dtype=torch.float32)  # fmt: skip
-    except (TypeError, RuntimeError):
-        return False
-    return True
-
-
-_MM_OUT_DTYPE = _probe_mm_out_dtype()
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # aten::mm.dtype (torch ≥ 2.8)
 
 
 def dora_row_norm(base: BaseOp, lora_A: Tensor, lora_B: Tensor, scaling: float, w0_sqnorm: Tensor,
@@ -270,7 +265,9 @@ def dora_row_norm(base: BaseOp, lora_A: Tensor, lora_B: Tensor, scaling: float, 
 
     ``A W₀ᵀ`` (r, out) is the base op on A's r rows (NF4: the fused kernel reads only packed bytes). A half
     ``compute_dtype`` would round A to 8/11 bits; A is split into ``hi + lo`` halves (2r rows, one product)
-    so the cross term keeps float32 accuracy. The sum is clamped at 0 (cancellation when W₀ ≈ −sBA).
+    and, for a dense base on CUDA, cuBLAS returns the float32 accumulator, so the cross term keeps float32
+    accuracy (elsewhere the product is rounded to the half dtype once). The sum is clamped at 0
+    (cancellation when W₀ ≈ −sBA).
     """
     acc = w0_sqnorm.dtype
     r = lora_A.shape[0]
@@ -281,7 +278,11 @@ def dora_row_norm(base: BaseOp, lora_A: Tensor, lora_B: Tensor, scaling: float, 
     else:
         hi = lora_A.to(compute_dtype)
         lo = (lora_A - hi.to(lora_A.dtype)).to(compute_dtype)
-        both = base.matmul(torch.cat([hi, lo])).to(acc)  # (2r, out)
+        hilo = torch.cat([hi, lo])  # (2r, in)
+        if isinstance(base, DenseBase):
+            both = _mm_to(hilo, base.weight.T, acc)  # (2r, out)
+        else:
+            both = base.matmul(hilo).to(acc)
         aw = both[:r] + both[r:]
     cross = (b * aw.T).sum(1)  # (out,)
     quad = ((b @ (a @ a.T)) * b).sum(1)  # (out,)
