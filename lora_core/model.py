@@ -23,6 +23,7 @@ from torch import nn
 
 from lora_core.config import TASK_MODULES_TO_SAVE, LoraConfig
 from lora_core.layers import LoRALinear, linear_features
+from lora_core.nf4 import NF4Tensor
 
 _CONFIG_ATTR = "_lora_config"
 _REQUIRES_GRAD_ATTR = "_lora_requires_grad"  # the parameters' flags before apply_lora, restored by unload
@@ -55,11 +56,20 @@ class TrainableReport:
 
 
 def trainable_parameters(model: nn.Module) -> TrainableReport:
-    """Count trainable and all parameter elements (shared parameters once)."""
+    """Count trainable and all parameter elements (shared parameters once).
+
+    A frozen NF4 base weight (``QLoRALinear`` / ``NF4Linear``) is no ``nn.Parameter`` but still counts in
+    ``total`` with the elements it stands for (not its packed bytes), so QLoRA reports the same totals as
+    the dense model it quantizes.
+    """
     trainable = total = 0
     for p in model.parameters():
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, NF4Tensor):
+            total += weight.numel
     return TrainableReport(trainable=trainable, total=total)
 
 
