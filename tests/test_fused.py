@@ -382,3 +382,20 @@ def test_gpu_activation_memory_within_budget(dora: bool) -> None:
     budget = m_rows * (n_in + r) * 2 + (m_rows * n_out * 2 if dora else 0)  # bytes; DoRA+dropout keeps w
     assert held <= budget + (1 << 20), (held, budget)
     y.sum().backward()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_qlora_module_fused_equals_reference(dora: bool) -> None:
+    qlora = pytest.importorskip("lora_core.qlora")
+    torch.manual_seed(0)
+    mod = qlora.QLoRALinear.from_linear(torch.nn.Linear(64, 32), r=4, alpha=8.0, use_dora=dora)
+    torch.nn.init.normal_(mod.lora_B.weight)
+    assert isinstance(mod.base_op(), fused.NF4Base)
+    x = torch.randn(6, 64)
+    with fused.fused_mode("always"):
+        assert fused.use_fused(mod, x)
+        got = module_grads(mod, x)
+    with fused.fused_mode("never"):
+        want = module_grads(mod, x)
+    for a, e in zip(got, want):
+        assert_close(a, e)
