@@ -399,3 +399,12 @@ def test_qlora_module_fused_equals_reference(dora: bool) -> None:
         want = module_grads(mod, x)
     for a, e in zip(got, want):
         assert_close(a, e)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_layer_benchmark_refuses_without_cuda(tmp_path, capsys) -> None:
+    from lora_core import bench_layers
+
+    assert bench_layers.main(["--out", str(tmp_path / "res")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()  # nothing half-written
