@@ -62,7 +62,7 @@ from torch import Tensor
 
 # Above this many rows an NF4 product is tensor-core bound: dequantize once (one streaming pass) and let
 # cuBLAS accumulate into `out`. Below it the fused kernel, which reads only the packed bytes, wins. Same
-# cross-over as lora_core.kernels.nf4_matmul.FUSED_MAX_M (M = r = 16 for DoRA's A W₀ᵀ stays fused).
+# cross-over as lora_core.kernels.nf4_gemm.FUSED_MAX_M (M = r = 16 for DoRA's A W₀ᵀ stays fused).
 _NF4_DEQUANT_MIN_M = 64
 
 
@@ -113,9 +113,9 @@ class NF4Base:
     q: Any  # NF4Tensor; typed loosely so this module imports without the NF4 code
 
     def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        from lora_core.autograd import _matmul  # the NF4 kernel/reference dispatch point
+        from lora_core.autograd import dispatch_nf4_matmul  # the NF4 kernel/reference dispatch point
 
-        return _matmul(x, self.q, bias)
+        return dispatch_nf4_matmul(x, self.q, bias)
 
     def matmul_acc(self, out: Tensor, x: Tensor) -> Tensor:
         if x.is_cuda and x.shape[0] > _NF4_DEQUANT_MIN_M:  # training-sized M: a transient bf16 W, cuBLAS
@@ -129,9 +129,9 @@ class NF4Base:
             from lora_core.kernels import nf4_dequantize
 
             return out.addmm_(g, nf4_dequantize(self.q, g.dtype))
-        from lora_core.autograd import _matmul_grad
+        from lora_core.autograd import dispatch_nf4_matmul_grad
 
-        return out.add_(_matmul_grad(g, self.q))
+        return out.add_(dispatch_nf4_matmul_grad(g, self.q))
 
     def row_sqnorm(self) -> Tensor:
         from lora_core.nf4 import dequantize_nf4
