@@ -12,6 +12,7 @@ from lora_core.adapters import load_adapter, save_adapter
 from lora_core.autograd import nf4_linear
 from lora_core.checkpoint import load_bnb_checkpoint, load_quantized, read_bnb_state_dict, save_quantized
 from lora_core.config import LoraConfig
+from lora_core.fused import fused_dora_linear, fused_lora_linear, fused_mode
 from lora_core.layers import LoRALinear
 from lora_core.model import (
     TrainableReport,
@@ -50,4 +51,8 @@ __all__: list[str] = [
     "quantize_nf4",
     "read_bnb_state_dict",
     "save_quantized",
+    # fused LoRA / QLoRA / DoRA autograd Functions (issue 7)
+    "fused_dora_linear",
+    "fused_lora_linear",
+    "fused_mode",
 ]

@@ -24,7 +24,8 @@ import torch
 from lora_core.nf4 import NF4Tensor, nf4_matmul_grad_ref, nf4_matmul_ref
 
 
-def _matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def dispatch_nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x · dequant(q)ᵀ (+ bias)``: the Triton kernel for CUDA tensors, the reference for the rest."""
     if x.is_cuda:
         from lora_core.kernels import nf4_matmul  # lazy: Triton loads only on a GPU
 
@@ -32,7 +33,8 @@ def _matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None) -> torch.T
     return nf4_matmul_ref(x, q, bias)
 
 
-def _matmul_grad(grad_out: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+def dispatch_nf4_matmul_grad(grad_out: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """``grad_out · dequant(q)`` (the input gradient), dispatched like ``dispatch_nf4_matmul``."""
     if grad_out.is_cuda:
         from lora_core.kernels import nf4_matmul_grad
 
@@ -47,14 +49,14 @@ class NF4LinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, q: NF4Tensor) -> torch.Tensor:
         ctx.q = q  # the packed container itself: no copy, no dequantized weight
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _matmul(x, q, None if bias is None else bias.to(x.dtype))  # (..., out)
+        return dispatch_nf4_matmul(x, q, None if bias is None else bias.to(x.dtype))  # (..., out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul_grad(grad_out, ctx.q)  # (..., in)
+            grad_x = dispatch_nf4_matmul_grad(grad_out, ctx.q)  # (..., in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)  # (out,)
         return grad_x, grad_bias, None

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora_core import fused
 from lora_core.autograd import nf4_linear
 from lora_core.layers import LoRALinear
 from lora_core.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
@@ -154,6 +155,11 @@ class QLoRALinear(_NF4WeightMixin, LoRALinear):
     def base_forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         assert self._nf4 is not None
         return nf4_linear(x, self._nf4, self.bias)
+
+    def base_op(self) -> fused.NF4Base:
+        """The fused path's frozen product: the packed weight (kernels on CUDA), never a dense copy."""
+        assert self._nf4 is not None
+        return fused.NF4Base(self._nf4)
 
     def base_weight(self, dtype: torch.dtype | None = None) -> Tensor:  # (out, in)
         assert self._nf4 is not None
