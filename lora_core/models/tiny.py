@@ -71,6 +71,7 @@ class TinyConfig:
     num_attention_heads: int = 2
     max_position_embeddings: int = 128
     num_labels: int = 2  # only used by TinyForSequenceClassification
+    dropout: float = 0.0  # on the embeddings (nanoGPT's place); makes the RNG matter in training
     model_type: str = "lora_core_tiny"
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class TinyConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TinyConfig.{name} must be a positive int, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TinyConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"TinyConfig.hidden_size ({self.hidden_size}) must be divisible by "
@@ -147,6 +150,7 @@ class TinyModel(nn.Module):
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.dropout)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -155,7 +159,7 @@ class TinyModel(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
                              f"{self.embed_positions.num_embeddings}")  # fmt: skip
         pos = torch.arange(T, device=input_ids.device)
-        x = self.embed_tokens(input_ids) + self.embed_positions(pos)  # (B, T, C)
+        x = self.drop(self.embed_tokens(input_ids) + self.embed_positions(pos))  # (B, T, C)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False)  # recompute activations in backward
