@@ -1,0 +1,208 @@
+"""Adapters on disk, in PEFT's layout: ``save_adapter`` writes one, ``load_adapter`` puts one into a model.
+
+A saved adapter is a directory::
+
+    out/adapter/
+    ├── adapter_config.json          LoraConfig.to_peft_dict(): peft_type "LORA", r, lora_alpha, ...
+    └── adapter_model.safetensors    base_model.model.<path>.lora_A.weight        (r, in)
+                                     base_model.model.<path>.lora_B.weight        (out, r)
+                                     base_model.model.<path>.lora_magnitude_vector (out,)    DoRA only
+                                     base_model.model.<path>.<param>     modules_to_save, trained biases
+
+so ``peft.PeftModel.from_pretrained(base, "out/adapter")`` reads it, and adapters PEFT saved load here.
+Files are read with safetensors only (never pickle) and written to a temporary name first, then renamed,
+so a crash never leaves a half-written file. ``load_adapter`` checks every tensor against the model before
+it changes anything: a mismatch raises and leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_core.config import LoraConfig
+from lora_core.layers import linear_features
+from lora_core.model import apply_lora, find_modules_to_save, find_targets, get_lora_config, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).model (the user's model)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)`` into a temporary file next to ``path``, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter consists of, keyed as PEFT saves them (without the ``base_model.model.``
+    prefix): LoRA factors, DoRA magnitudes, ``modules_to_save`` parameters and trained biases."""
+    cfg = get_lora_config(model)
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        pre = f"{path}." if path else ""
+        out[f"{pre}lora_A.weight"] = layer.lora_A.weight
+        out[f"{pre}lora_B.weight"] = layer.lora_B.weight
+        if layer.use_dora:
+            out[f"{pre}lora_magnitude_vector"] = layer.lora_magnitude_vector
+        if cfg.bias == "lora_only" and layer.bias is not None:
+            out[f"{pre}bias"] = layer.bias
+    if cfg.bias == "all":
+        out.update({n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")})
+    for path in find_modules_to_save(model, cfg):
+        out.update({f"{path}.{n}": p for n, p in model.get_submodule(path).named_parameters()})
+    return out
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write the adapter of ``model`` to the directory ``path`` (created if needed) in PEFT's layout.
+
+    Args:
+        model: a model that went through ``apply_lora`` or ``load_adapter`` (merged or not).
+        path: the adapter directory.
+        base_model_name_or_path: recorded in ``adapter_config.json`` (PEFT uses it to find the base).
+
+    Returns:
+        The directory, as a ``Path``.
+    """
+    cfg = get_lora_config(model)
+    if base_model_name_or_path is not None:
+        cfg = LoraConfig(**{**cfg.__dict__, "base_model_name_or_path": base_model_name_or_path})
+    # clone: safetensors refuses tensors that share storage (e.g. tied weights in modules_to_save)
+    tensors = {
+        PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()
+    }
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(cfg.to_peft_dict(), indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return directory
+
+
+def read_adapter(
+    path: str | os.PathLike[str], **overrides: Any
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory: its config and its tensors (keys without the PEFT prefix)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            hint = " (only safetensors adapters are read, never pickle files)" if name == WEIGHTS_NAME else ""
+            raise FileNotFoundError(f"adapter directory {str(directory)!r} has no {name}{hint}")
+    try:
+        data = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{directory / CONFIG_NAME}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{directory / CONFIG_NAME}: expected a JSON object, got {type(data).__name__}")
+    cfg = LoraConfig.from_peft_dict(data, **overrides)
+    raw = load_file(str(directory / WEIGHTS_NAME))
+    tensors = {k.removeprefix(PREFIX): v for k, v in raw.items()}
+    return cfg, tensors
+
+
+def _expected_tensors(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """Every key an adapter for ``cfg`` must hold for ``model``, with its shape (raises like apply_lora)."""
+    modules = dict(model.named_modules())
+    expected: dict[str, tuple[int, ...]] = {}
+    for path in find_targets(model, cfg):
+        n_in, n_out = linear_features(modules[path])  # type: ignore[misc]
+        r, _ = cfg.rank_and_alpha(path)
+        if r > min(n_in, n_out):
+            raise ValueError(f"r={r} is larger than min(in, out)={min(n_in, n_out)} of module {path!r}")
+        pre = f"{path}." if path else ""
+        expected[f"{pre}lora_A.weight"] = (r, n_in)
+        expected[f"{pre}lora_B.weight"] = (n_out, r)
+        if cfg.use_dora:
+            expected[f"{pre}lora_magnitude_vector"] = (n_out,)
+    for path in find_modules_to_save(model, cfg):
+        for n, p in model.get_submodule(path).named_parameters():
+            expected[f"{path}.{n}"] = tuple(p.shape)
+    return expected
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    is_trainable: bool = False,
+    quantize: str = "none",
+    quant_block_size: int = 64,
+    double_quant: bool = True,
+) -> nn.Module:
+    """Apply the adapter saved at ``path`` to ``model`` (a base model without LoRA), in place.
+
+    Everything is checked before the model changes. A PiSSA adapter re-runs PiSSA's SVD on the base (as
+    PEFT does), so the base must be the same model the adapter was trained from.
+
+    Args:
+        model: the base model.
+        path: an adapter directory (``save_adapter``'s or PEFT's ``save_pretrained``'s).
+        is_trainable: keep the adapter trainable; otherwise (PEFT's default) everything is frozen and the
+            model is put in eval mode.
+        quantize, quant_block_size, double_quant: how to store the base (``LoraConfig`` fields that are not
+            part of an adapter).
+
+    Returns:
+        ``model``, with the adapter applied.
+
+    Raises:
+        FileNotFoundError: the directory or one of its two files is missing.
+        ValueError: bad config; the model already has LoRA layers; a target that does not exist; a tensor
+            missing, unexpected or of the wrong shape (the first such key is named).
+    """
+    cfg, tensors = read_adapter(
+        path, quantize=quantize, quant_block_size=quant_block_size, double_quant=double_quant
+    )
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("the model already has LoRA layers; load the adapter into a fresh base model")
+    expected = _expected_tensors(model, cfg)
+    params = dict(model.named_parameters())
+    biases = {}
+    for key, tensor in tensors.items():
+        if key in expected:
+            want = expected[key]
+        elif cfg.bias != "none" and key.endswith("bias") and key.replace(".base_layer.", ".") in params:
+            biases[key] = key.replace(".base_layer.", ".")
+            want = tuple(params[biases[key]].shape)
+        else:
+            raise ValueError(f"adapter tensor {key!r} does not belong to any target of this model")
+        if tuple(tensor.shape) != want:
+            raise ValueError(
+                f"adapter tensor {key!r} has shape {tuple(tensor.shape)}, the model needs {want}"
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"adapter tensor {key!r} has dtype {tensor.dtype}; expected a floating dtype")
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ValueError(f"adapter has no tensor {missing[0]!r} (and {len(missing) - 1} more missing)")
+
+    # Validated: now change the model.
+    model = apply_lora(model, cfg)
+    current = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            target = current[biases.get(key, key)]
+            target.copy_(tensor.to(device=target.device))
+    if not is_trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model

@@ -1,0 +1,286 @@
+"""``LoraConfig``: what to adapt and how, validated at construction, round-tripping through PEFT's JSON.
+
+A config answers three questions:
+
+- **Where**: ``target_modules`` (names matched as suffixes of module paths, one regex matched against the
+  whole path, or ``"all-linear"``), minus ``exclude_modules``, restricted to ``layers_to_transform``;
+  ``modules_to_save`` are trained fully instead (e.g. a classifier head; ``task_type`` adds the usual ones).
+- **How big**: rank ``r`` and ``alpha`` (per module via ``rank_pattern`` / ``alpha_pattern``), giving the
+  scale ``s = alpha / r`` (LoRA, Hu et al. 2021) or ``s = alpha / sqrt(r)`` (rsLoRA, Kalajdzievski 2023).
+- **Which variant**: ``use_dora`` (DoRA, Liu et al. 2024), ``init`` (``"default"``, ``"gaussian"``,
+  ``"pissa"``: Meng et al. 2024), ``quantize="nf4"`` (QLoRA, Dettmers et al. 2023).
+
+``to_peft_dict`` / ``from_peft_dict`` translate to and from ``adapter_config.json`` as PEFT writes it
+(``lora_alpha``, ``lora_dropout``, ``init_lora_weights``); the quantization fields are not part of an
+adapter (they describe how the base is stored) and are not written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("default", "gaussian", "pissa")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM")
+QUANTIZE_MODES = ("none", "nf4")
+
+# Heads that a task trains fully (PEFT's choice for the same task types): a freshly initialised classifier
+# must learn, and a low-rank update of a random matrix would not be enough.
+TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+}
+
+# PEFT's `init_lora_weights` values for our `init` names.
+_INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+
+# PEFT config keys that do not change what an adapter computes (bookkeeping), ignored on read.
+_PEFT_BOOKKEEPING = {
+    "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "runtime_config",
+    "qalora_group_size", "layers_pattern", "lora_ga_config", "arrow_config", "ensure_weight_tying",
+}  # fmt: skip
+# PEFT features we do not implement: loading an adapter that uses one must fail, not compute the wrong thing.
+_PEFT_UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "target_parameters",
+                     "trainable_token_indices", "alora_invocation_tokens")  # fmt: skip
+
+
+def _str_list(value: Any, name: str) -> list[str] | str | None:
+    """A list of names (from any iterable of str), a single regex string, or None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    raise TypeError(f"{name} must be a list of module names, a regex string or None, got {value!r}")
+
+
+@dataclass
+class LoraConfig:
+    """Validated LoRA settings (every field checked in ``__post_init__``).
+
+    Args:
+        r: rank of the update ``B A`` (Hu et al. 2021, §4.1). Must be ≥ 1 and ≤ min(in, out) of each
+            adapted layer (checked when applied).
+        alpha: scale numerator: the update is multiplied by ``alpha / r`` (or ``alpha / sqrt(r)``).
+        dropout: dropout probability on the adapter's input, in [0, 1).
+        target_modules: list of names matched as suffixes of module paths (``"q_proj"`` matches
+            ``model.layers.0.self_attn.q_proj``), a regex matched against the full path, or
+            ``"all-linear"`` (every Linear / Conv1D except the output head). ``None`` picks known defaults
+            for a few Hugging Face architectures.
+        exclude_modules: same forms as ``target_modules``; matching modules are never adapted.
+        bias: ``"none"`` (biases frozen), ``"all"`` (every bias trains), ``"lora_only"`` (biases of the
+            adapted layers train). Trained biases are saved with the adapter.
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, Kalajdzievski 2023, Thm. 3.2).
+        use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): ``W' = m · (W + sBA) / ‖W + sBA‖_row``.
+        init: ``"default"`` (A kaiming-uniform with a=√5, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0),
+            ``"pissa"`` (A, B from the top-r SVD of W; W replaced by its residual; Meng et al. 2024).
+        modules_to_save: modules trained fully and saved with the adapter (names matched as suffixes).
+        fan_in_fan_out: the base stores its weight as (in, out), like GPT-2's ``Conv1D``.
+        task_type: ``"CAUSAL_LM" | "SEQ_CLS" | "TOKEN_CLS" | "SEQ_2_SEQ_LM"`` or None; classification tasks
+            add their head (``classifier`` / ``score``) to ``modules_to_save``.
+        layers_to_transform: only adapt these layer indices (the number after ``layers.`` / ``h.`` /
+            ``layer.`` / ``block.`` / ``blocks.`` in the path, or after ``layers_pattern``).
+        layers_pattern: the name of the layer list, when it is not one of those.
+        rank_pattern: ``{regex: r}`` overriding ``r`` for modules whose path ends with a match.
+        alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
+        quantize: ``"none"`` or ``"nf4"`` (store the frozen base in 4-bit NormalFloat: QLoRA).
+        quant_block_size: NF4 block size (elements per absmax scale), a power of two in [16, 4096].
+        double_quant: quantize the block scales too (QLoRA §3, "double quantization").
+        base_model_name_or_path: recorded in ``adapter_config.json`` for the reader's benefit.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    quantize: str = "none"
+    quant_block_size: int = 64
+    double_quant: bool = True
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.dropout = float(self.dropout)
+        self.alpha = float(self.alpha)
+        self.target_modules = _str_list(self.target_modules, "target_modules")
+        self.exclude_modules = _str_list(self.exclude_modules, "exclude_modules")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "all-linear":
+                _check_regex(name, value)
+        if self.modules_to_save is not None:
+            mts = _str_list(self.modules_to_save, "modules_to_save")
+            self.modules_to_save = [mts] if isinstance(mts, str) else mts
+        _check_choice("bias", self.bias, BIAS_MODES)
+        _check_choice("init", self.init, INIT_MODES)
+        _check_choice("quantize", self.quantize, QUANTIZE_MODES)
+        if self.task_type is not None:
+            _check_choice("task_type", self.task_type, TASK_TYPES)
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "double_quant"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        bs = self.quant_block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs > 4096 or bs & (bs - 1):
+            raise ValueError(f"quant_block_size must be a power of two in [16, 4096], got {bs!r}")
+        ltt = self.layers_to_transform
+        if isinstance(ltt, int) and not isinstance(ltt, bool):
+            self.layers_to_transform = [ltt]
+        elif ltt is not None:
+            if not isinstance(ltt, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ltt
+            ):
+                raise ValueError(
+                    f"layers_to_transform must be a non-negative int or a list of them, got {ltt!r}"
+                )
+            self.layers_to_transform = list(ltt)
+        if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
+            raise TypeError(f"layers_pattern must be a string or None, got {self.layers_pattern!r}")
+        for pattern_name, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+            pattern = getattr(self, pattern_name)
+            if not isinstance(pattern, dict):
+                raise TypeError(f"{pattern_name} must be a dict {{regex: value}}, got {pattern!r}")
+            for key, value in pattern.items():
+                _check_regex(f"{pattern_name} key", key)
+                check(f"{pattern_name}[{key!r}]", value)
+
+    # ----------------------------------------------------------------------------------------------------
+    def scale(self, r: int, alpha: float) -> float:
+        """The adapter scale ``s`` for rank ``r``: ``alpha/r``, or ``alpha/sqrt(r)`` with rsLoRA."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """``(r, alpha)`` for the module at ``path``, after ``rank_pattern`` / ``alpha_pattern`` (as PEFT:
+        the first pattern whose regex matches a dotted suffix of the path wins)."""
+        return (
+            int(_pattern_lookup(self.rank_pattern, path, self.r)),
+            float(_pattern_lookup(self.alpha_pattern, path, self.alpha)),
+        )
+
+    def effective_modules_to_save(self) -> list[str]:
+        """``modules_to_save`` plus the heads that ``task_type`` trains (order kept, no duplicates)."""
+        names = list(self.modules_to_save or [])
+        for name in TASK_MODULES_TO_SAVE.get(self.task_type or "", ()):
+            if name not in names:
+                names.append(name)
+        return names
+
+    # ----------------------------------------------------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content, in PEFT's field names."""
+        return {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "bias": self.bias,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init_lora_weights": _INIT_TO_PEFT[self.init],
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "modules_to_save": self.modules_to_save,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any], **overrides: Any) -> LoraConfig:
+        """Read PEFT's ``adapter_config.json`` content; ``overrides`` set fields PEFT does not store
+        (``quantize``, ``quant_block_size``, ``double_quant``).
+
+        Raises:
+            ValueError: not a LoRA config, or it uses a PEFT feature lora_core does not implement.
+        """
+        if data.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {data.get('peft_type')!r}")
+        for key in _PEFT_UNSUPPORTED:
+            if data.get(key):
+                raise ValueError(f"adapter_config.json: {key}={data[key]!r} is not supported by lora_core")
+        init = data.get("init_lora_weights", True)
+        inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa"}
+        if not isinstance(init, (bool, str)) or init not in inits:
+            raise ValueError(
+                f"adapter_config.json: init_lora_weights={init!r} is not supported; "
+                f"allowed: true, false, 'gaussian', 'pissa'"
+            )
+        renames = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+        own = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            name = renames.get(key, key)
+            if name in own:
+                kwargs[name] = value
+            elif key not in _PEFT_BOOKKEEPING and key != "init_lora_weights" and key not in _PEFT_UNSUPPORTED:
+                if value not in (None, False, [], {}, ""):
+                    raise ValueError(f"adapter_config.json: unknown field {key}={value!r}")
+        kwargs["init"] = inits[init]
+        # PEFT keys its config's `rank_pattern` etc. with JSON-safe types already; `layers_pattern` may be
+        # a one-element list in newer PEFT versions.
+        lp = kwargs.get("layers_pattern")
+        if isinstance(lp, list):
+            if len(lp) != 1:
+                raise ValueError(f"adapter_config.json: layers_pattern={lp!r}: only one pattern is supported")
+            kwargs["layers_pattern"] = lp[0]
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int ≥ 1, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be ≥ 1, got {value}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_regex(name: str, value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ValueError(f"{name} {value!r} is not a valid regular expression: {err}") from None
+
+
+def _pattern_lookup(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default

@@ -1,0 +1,319 @@
+"""Model surgery: put LoRA layers into any ``nn.Module``, fold them in, take them out.
+
+    apply_lora(model, cfg)   every target Linear/Conv1D → LoRALinear (in place); base frozen
+    merge_lora / unmerge_lora    W₀ ⇄ W₀ + s·BA in every layer (exact round trip up to rounding)
+    unload_lora(model)           merged, adapters gone: the plain modules again
+    trainable_parameters(model)  how much of the model trains
+
+Targets are matched by module path, as PEFT does: a list of names matches a path equal to a name or ending
+in ``.<name>``; a string is a regex matched against the whole path; ``"all-linear"`` takes every linear
+layer except the output head. Everything is validated before the first module is replaced, so a failed
+call leaves the model as it was. The config is kept on the model (``model._lora_config``) for
+``save_adapter``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from lora_core.config import LoraConfig
+from lora_core.layers import LoRALinear, linear_features
+
+_CONFIG_ATTR = "_lora_config"
+_REQUIRES_GRAD_ATTR = "_lora_requires_grad"  # the parameters' flags before apply_lora, restored by unload
+_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+# target_modules=None: the attention projections PEFT adapts by default for a few architectures.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "t5": ["q", "v"], "opt": ["q_proj", "v_proj"],
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    """What ``trainable_parameters`` returns: counts of parameter elements."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+            f"|| trainable%: {self.percent:.4f}"
+        )
+
+
+def trainable_parameters(model: nn.Module) -> TrainableReport:
+    """Count trainable and all parameter elements (shared parameters once)."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return TrainableReport(trainable=trainable, total=total)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """``(path, layer)`` for every ``LoRALinear`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+# ---- matching --------------------------------------------------------------------------------------------
+def _matches(spec: list[str] | str, path: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def _layer_index(path: str, pattern: str | None) -> int | None:
+    names = pattern if pattern is not None else "|".join(_LAYER_PATTERNS)
+    found = re.search(rf"(?:^|\.)(?:{names})\.(\d+)(?:\.|$)", path)
+    return int(found.group(1)) if found else None
+
+
+def _output_head(model: nn.Module) -> set[str]:
+    """Paths of the output layer ("all-linear" leaves it alone, like PEFT): Hugging Face models tell us
+    through ``get_output_embeddings``; otherwise a module called ``lm_head``."""
+    heads = {n for n, _ in model.named_modules() if n == "lm_head" or n.endswith(".lm_head")}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        out = get_out()
+        heads |= {n for n, m in model.named_modules() if out is not None and m is out}
+    return heads
+
+
+def _close_names(model: nn.Module, name: str) -> list[str]:
+    paths = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in paths})
+    close = difflib.get_close_matches(name, leaves, n=5, cutoff=0.4)
+    return close or difflib.get_close_matches(name, paths, n=5, cutoff=0.3)
+
+
+def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Paths of the modules ``cfg`` adapts, in ``named_modules`` order. Raises like ``apply_lora``."""
+    targets = cfg.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                "target_modules is required for this model (no default for "
+                f"model_type={model_type!r}); give names, a regex or 'all-linear'"
+            )
+        targets = DEFAULT_TARGETS[model_type]
+    modules = dict(model.named_modules())
+    root_linear = linear_features(model) is not None  # a bare Linear can be its own target
+    saved = [p for p in modules if p and _matches(cfg.effective_modules_to_save(), p)]
+    if targets == "all-linear":
+        heads = _output_head(model)
+        named = [p for p, m in modules.items() if linear_features(m) is not None and p not in heads]
+        if not named:
+            raise ValueError("target_modules='all-linear': the model has no nn.Linear / Conv1D layers")
+    else:
+        named = [p for p in modules if (p or root_linear) and _matches(targets, p)]
+        if isinstance(targets, str) and not named:
+            raise ValueError(
+                f"target_modules regex {targets!r} matches no module; close: {_close_names(model, targets)}"
+            )
+        if isinstance(targets, list):
+            for name in targets:
+                if not any(p == name or p.endswith("." + name) for p in named):
+                    raise ValueError(
+                        f"target_modules: no module named {name!r}; closest module names: "
+                        f"{_close_names(model, name)}"
+                    )
+    chosen = []
+    for path in named:
+        if any(path == s or path.startswith(s + ".") for s in saved):
+            continue  # trained fully instead
+        if cfg.exclude_modules is not None and _matches(cfg.exclude_modules, path):
+            continue
+        if cfg.layers_to_transform is not None:
+            index = _layer_index(path, cfg.layers_pattern)
+            if index is None or index not in cfg.layers_to_transform:
+                continue
+        if linear_features(modules[path]) is None:
+            raise TypeError(
+                f"target module {path!r} is a {type(modules[path]).__name__}; LoRA supports nn.Linear and "
+                "GPT-2 Conv1D layers"
+            )
+        chosen.append(path)
+    if not chosen:
+        raise ValueError(
+            "target_modules: after exclude_modules / layers_to_transform no module is left to adapt"
+        )
+    return chosen
+
+
+def find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Paths of the modules trained fully. Names the user listed must exist; ``task_type``'s are optional."""
+    paths = [p for p, _ in model.named_modules() if p]
+    found = [p for p in paths if _matches(cfg.effective_modules_to_save(), p)]
+    for name in cfg.modules_to_save or []:
+        if not any(p == name or p.endswith("." + name) for p in found):
+            raise ValueError(
+                f"modules_to_save: no module named {name!r}; closest: {_close_names(model, name)}"
+            )
+    # an enclosing module covers its children
+    return [p for p in found if not any(p.startswith(q + ".") for q in found if q != p)]
+
+
+# ---- surgery ---------------------------------------------------------------------------------------------
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Replace the target layers of ``model`` by ``LoRALinear`` (in place) and freeze everything else.
+
+    Trainable afterwards: the adapters (and DoRA magnitudes), the biases ``cfg.bias`` asks for, and
+    ``modules_to_save``. With ``cfg.quantize == "nf4"`` the layers are ``lora_core.qlora.QLoRALinear``.
+
+    Returns:
+        ``model`` (or the new layer when ``model`` itself is the only target).
+
+    Raises:
+        ValueError: LoRA already applied; a target name that matches nothing (the message lists the closest
+            module names); ``r`` larger than a layer's ``min(in, out)``; nothing left to adapt.
+        TypeError: ``cfg`` is not a LoraConfig; a target is not a linear layer.
+    """
+    if not isinstance(cfg, LoraConfig):
+        raise TypeError(f"cfg must be a lora_core.LoraConfig, got {type(cfg).__name__}")
+    if any(True for _ in lora_layers(model)):
+        raise ValueError(
+            "the model already has LoRA layers; unload_lora(model) first or load into a fresh model"
+        )
+    cls: type[LoRALinear] = LoRALinear
+    extra: dict[str, object] = {}
+    if cfg.quantize == "nf4":
+        from lora_core.qlora import QLoRALinear  # lazily: the NF4 path is optional
+
+        cls = QLoRALinear
+        extra = {"quant_block_size": cfg.quant_block_size, "double_quant": cfg.double_quant}
+
+    # Validate everything before touching the model.
+    paths = find_targets(model, cfg)
+    to_save = find_modules_to_save(model, cfg)
+    modules = dict(model.named_modules())
+    plan = []
+    for path in paths:
+        r, alpha = cfg.rank_and_alpha(path)
+        n_in, n_out = linear_features(modules[path])  # type: ignore[misc]
+        if r > min(n_in, n_out):
+            raise ValueError(f"r={r} is larger than min(in, out)={min(n_in, n_out)} of module {path!r}")
+        plan.append((path, r, alpha))
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    new_root: nn.Module | None = None
+    for path, r, alpha in plan:
+        layer = cls.from_linear(
+            modules[path], r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+            use_dora=cfg.use_dora, init=cfg.init, fan_in_fan_out=cfg.fan_in_fan_out, **extra,
+        )  # fmt: skip
+        if path:
+            _replace(model, path, layer)
+        else:
+            new_root = layer
+    root = new_root if new_root is not None else model
+    for _, layer in lora_layers(root):
+        for name, p in layer.named_parameters():
+            if name.startswith("lora_"):
+                p.requires_grad_(True)
+        if cfg.bias == "lora_only" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    if cfg.bias == "all":
+        for name, p in root.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
+    for path in to_save:
+        root.get_submodule(path).requires_grad_(True)
+    saved_cfg = LoraConfig(
+        **{**cfg.__dict__, "modules_to_save": [p.rsplit(".", 1)[-1] for p in to_save] or None}
+    )
+    object.__setattr__(root, _CONFIG_ATTR, saved_cfg)
+    object.__setattr__(root, _REQUIRES_GRAD_ATTR, flags)
+    return root
+
+
+def get_lora_config(model: nn.Module) -> LoraConfig:
+    """The config ``apply_lora`` / ``load_adapter`` used on ``model``.
+
+    Raises:
+        ValueError: the model has no LoRA layers.
+    """
+    cfg = getattr(model, _CONFIG_ATTR, None)
+    if cfg is None or not any(True for _ in lora_layers(model)):
+        raise ValueError("the model has no LoRA layers (apply_lora or load_adapter first)")
+    return cfg
+
+
+def _layers_or_raise(model: nn.Module) -> list[LoRALinear]:
+    layers = [layer for _, layer in lora_layers(model)]
+    if not layers:
+        raise ValueError("the model has no LoRA layers (apply_lora or load_adapter first)")
+    return layers
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (for inference); returns ``model``.
+
+    Raises:
+        ValueError: no LoRA layers, or already merged (nothing is changed then).
+    """
+    layers = _layers_or_raise(model)
+    if any(layer.merged for layer in layers):
+        raise ValueError("the model is already merged; unmerge_lora(model) first")
+    for layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_lora``; returns ``model``.
+
+    Raises:
+        ValueError: no LoRA layers, or not merged (nothing is changed then).
+    """
+    layers = _layers_or_raise(model)
+    if not all(layer.merged for layer in layers):
+        raise ValueError("the model is not merged; nothing to unmerge")
+    for layer in layers:
+        layer.unmerge()
+    return model
+
+
+def unload_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Merge every adapter and put the plain modules back (``layer.unload(dequantize=...)``); parameters get
+    back the ``requires_grad`` they had before ``apply_lora``. Returns ``model`` (or the plain layer when
+    ``model`` itself is a ``LoRALinear``).
+
+    Raises:
+        ValueError: no LoRA layers.
+    """
+    _layers_or_raise(model)
+    if isinstance(model, LoRALinear):
+        root = model.unload(dequantize=dequantize)
+    else:
+        for path, layer in list(lora_layers(model)):
+            _replace(model, path, layer.unload(dequantize=dequantize))
+        root = model
+    flags = getattr(model, _REQUIRES_GRAD_ATTR, {})
+    for name, p in root.named_parameters():
+        p.requires_grad_(flags.get(name, True))
+    for attr in (_CONFIG_ATTR, _REQUIRES_GRAD_ATTR):
+        if attr in model.__dict__:
+            object.__delattr__(model, attr)
+    return root
