@@ -251,15 +251,13 @@ def finetune(args: argparse.Namespace) -> int:
         train_set, eval_set = load_dataset(train_files, tokenizer, seq_len, eval_fraction=0.1)
         eval_set = eval_set.subset(slice(0, eval_blocks))
 
+    targets = args.target_modules
     cfg = lc.LoraConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, quantize=args.quantize,
-                        target_modules=args.target_modules if args.target_modules == "all-linear"
-                        else [t.strip() for t in args.target_modules.split(",") if t.strip()])  # fmt: skip
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_name,
+                        target_modules=targets if targets == "all-linear" else targets.split(","))  # fmt: skip
+    total_params = sum(p.numel() for p in model.parameters())  # before NF4 packs the base
     torch.manual_seed(args.seed)  # the adapters' initialization
     model = lc.apply_lora(model, cfg)
-    if hasattr(model, "config") and hasattr(model.config, "_name_or_path"):
-        model.config._name_or_path = base_name  # recorded as the adapter's base_model_name_or_path
-    else:
-        model.name_or_path = base_name
 
     train_cfg = lc.TrainConfig(
         output_dir=out_dir, lr=args.lr or defaults["lr"], batch_size=batch_size, grad_accum=args.grad_accum,
@@ -282,8 +280,7 @@ def finetune(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         _save_adapter_atomic(model, out_dir / "adapter")
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        report = lc.trainable_parameters(model)
+        trainable = lc.trainable_parameters(model).trainable
         metrics = {
             "model": base_name, "data": [str(p) for p in train_files], "quantize": args.quantize,
             "r": args.r, "alpha": args.alpha, "steps": steps, "batch_size": batch_size,
@@ -292,7 +289,7 @@ def finetune(args: argparse.Namespace) -> int:
             "eval_ppl_before": math.exp(eval_before), "eval_ppl_after": math.exp(eval_after),
             "train_loss_final": result.train_loss, "train_tokens": result.train_tokens,
             "train_tokens_per_s": result.tokens_per_s, "peak_memory_mb": _peak_memory_mb(device),
-            "trainable_params": trainable, "total_params": int(getattr(report, "total", 0)) or None,
+            "trainable_params": trainable, "total_params": total_params + trainable,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
             "wall_s": time.perf_counter() - started, "sample_before": sample_before, "sample_after": sample_after,
         }  # fmt: skip
@@ -347,8 +344,10 @@ def quantize(args: argparse.Namespace) -> int:
 
 
 def _bench(argv: list[str]) -> int:
+    import importlib
+
     try:
-        from lora_core import bench
+        bench = importlib.import_module("lora_core.bench")
     except ModuleNotFoundError as e:
         if e.name != "lora_core.bench":
             raise
