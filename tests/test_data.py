@@ -33,11 +33,20 @@ def test_documents_are_separated_by_eos(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("ab")
     (tmp_path / "b.txt").write_text("cd")
     data, _ = load_dataset([tmp_path / "a.txt", tmp_path / "b.txt"], TOK, block_size=6)
-    assert data.input_ids[0].tolist() == [*TOK.encode("ab"), TOK.eos_token_id, *TOK.encode("cd"), TOK.eos_token_id]
+    assert data.input_ids[0].tolist() == [
+        *TOK.encode("ab"),
+        TOK.eos_token_id,
+        *TOK.encode("cd"),
+        TOK.eos_token_id,
+    ]
 
 
 def test_jsonl_prompt_response_learns_only_the_response(tmp_path: Path) -> None:
-    records = [{"prompt": "Q: 2+2?\nA:", "response": " 4"}, {"text": "hello"}, {"prompt": "Say hi:", "response": " hi"}]
+    records = [
+        {"prompt": "Q: 2+2?\nA:", "response": " 4"},
+        {"text": "hello"},
+        {"prompt": "Say hi:", "response": " hi"},
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     n_tokens = sum(len(r.get("prompt", "")) + len(r.get("response", r.get("text", ""))) + 1 for r in records)
@@ -54,7 +63,9 @@ def test_eval_split_is_the_contiguous_tail(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("".join(chr(97 + i % 26) for i in range(399)))
     train, held_out = load_dataset(tmp_path / "a.txt", TOK, block_size=10, eval_fraction=0.25)
     assert (len(train), len(held_out)) == (30, 10)
-    whole = pack(TOK.encode("".join(chr(97 + i % 26) for i in range(399))) + [TOK.eos_token_id], [True] * 400, 10)
+    whole = pack(
+        [*TOK.encode("".join(chr(97 + i % 26) for i in range(399))), TOK.eos_token_id], [True] * 400, 10
+    )
     assert (held_out.input_ids == whole.input_ids[30:]).all()
 
 
@@ -82,7 +93,7 @@ def test_bad_files_raise_a_clear_value_error(tmp_path: Path, content: str, suffi
 
 
 def test_missing_file_and_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         read_examples(tmp_path / "nope.txt")
     (tmp_path / "a.txt").write_text("x" * 100)
     with pytest.raises(ValueError, match="eval_fraction"):

@@ -27,14 +27,55 @@ def free_port() -> int:
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     common = ["--steps", "4", "--dropout", "0.0"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+    ]
     # 2 processes × batch 2 × accumulation 2 = global batch 8 = 1 process × batch 4 × accumulation 2.
-    ddp = subprocess.run([*torchrun, str(WORKER), "--out", str(tmp_path / "ddp"), "--batch-size", "2",
-                          "--grad-accum", "2", *common], env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    ddp = subprocess.run(
+        [
+            *torchrun,
+            str(WORKER),
+            "--out",
+            str(tmp_path / "ddp"),
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(WORKER), "--out", str(tmp_path / "one"), "--batch-size", "4",
-                             "--grad-accum", "2", *common], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    single = subprocess.run(
+        [
+            sys.executable,
+            str(WORKER),
+            "--out",
+            str(tmp_path / "one"),
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
     rank0 = load_file(str(tmp_path / "ddp" / "final-rank0.safetensors"))

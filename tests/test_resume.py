@@ -27,8 +27,19 @@ def test_sigkill_then_resume_gives_the_same_final_weights(tmp_path: Path) -> Non
     expected = load_file(str(tmp_path / "full" / "final.safetensors"))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(WORKER), "--out", str(killed), "--steps", "10", "--checkpoint-every", "3",
-           "--print-steps", "--sleep", "0.2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(WORKER),
+        "--out",
+        str(killed),
+        "--steps",
+        "10",
+        "--checkpoint-every",
+        "3",
+        "--print-steps",
+        "--sleep",
+        "0.2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         for line in proc.stdout:  # step 5 is past the checkpoint at 3, before the one at 6

@@ -16,7 +16,10 @@ from lora_core.data import PackedDataset, load_dataset
 from lora_core.testing import assert_close
 from lora_core.train import CHECKPOINT_NAME, lr_factor, param_groups
 
-TEXT = "".join(f"The {w} sat on the mat; the mat was {c}.\n" for w, c in zip(["cat", "dog", "hen"] * 30, ["red", "blue"] * 45))
+TEXT = "".join(
+    f"The {w} sat on the mat; the mat was {c}.\n"
+    for w, c in zip(["cat", "dog", "hen"] * 30, ["red", "blue"] * 45)
+)
 
 
 @pytest.fixture
@@ -65,7 +68,7 @@ def test_grad_accumulation_equals_a_bigger_batch(text_data) -> None:
     a, b = lc.TinyCausalLM(), lc.TinyCausalLM()
     lc.train(a, text_data[0], config=quick(batch_size=4, grad_accum=1, max_steps=3))
     lc.train(b, text_data[0], config=quick(batch_size=2, grad_accum=2, max_steps=3))
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters()):
         assert_close(pa.detach(), pb.detach())
 
 
@@ -100,7 +103,10 @@ def test_loraplus_and_per_layer_lr_groups() -> None:
     lr_of = {}
     for group in param_groups(model, cfg):
         for p in group["params"]:
-            lr_of[next(n for n, q in model.named_parameters() if q is p)] = (group["lr"], group["weight_decay"])
+            lr_of[next(n for n, q in model.named_parameters() if q is p)] = (
+                group["lr"],
+                group["weight_decay"],
+            )
     assert lr_of["layer0.lora_A.weight"] == (5e-4, 0.1)
     assert lr_of["layer0.lora_B.weight"] == (pytest.approx(8e-3), 0.1)  # 1e-3 × 0.5 × 16
     assert lr_of["layer0.lora_B.bias"] == (pytest.approx(8e-3), 0.0)  # no decay on 1-D parameters
@@ -164,24 +170,40 @@ def test_resume_in_process_matches_an_uninterrupted_run(text_data, tmp_path: Pat
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        lc.train(part, text_data[0], config=quick(seed=1, output_dir=tmp_path, checkpoint_every=3, on_step=stop_at_4))
+        lc.train(
+            part,
+            text_data[0],
+            config=quick(seed=1, output_dir=tmp_path, checkpoint_every=3, on_step=stop_at_4),
+        )
     resumed = lc.TinyCausalLM(cfg_model)  # a fresh process would rebuild the model from scratch
-    lc.train(resumed, text_data[0], config=quick(seed=1, output_dir=tmp_path, checkpoint_every=3, resume=True))
+    lc.train(
+        resumed, text_data[0], config=quick(seed=1, output_dir=tmp_path, checkpoint_every=3, resume=True)
+    )
     for (name, pf), pr in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(pf, pr), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 4 was dropped, then logged again
     with pytest.raises(ValueError, match=r"different settings \(\['lr'\]\)"):
-        lc.train(lc.TinyCausalLM(cfg_model), text_data[0], config=quick(lr=1e-3, seed=1, output_dir=tmp_path,
-                                                                      resume=True))  # fmt: skip
+        lc.train(
+            lc.TinyCausalLM(cfg_model),
+            text_data[0],
+            config=quick(lr=1e-3, seed=1, output_dir=tmp_path, resume=True),
+        )
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch_size"), ({"schedule": "step"}, "schedule"),
-     ({"task": "TOKEN_CLS"}, "task"), ({"lr_groups": {"(": 1.0}}, "lr_groups"), ({"max_steps": 0}, "max_steps"),
-     ({"mixed_precision": "fp8"}, "mixed_precision"), ({"min_lr_ratio": 2.0}, "min_lr_ratio")],
-)  # fmt: skip
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"schedule": "step"}, "schedule"),
+        ({"task": "TOKEN_CLS"}, "task"),
+        ({"lr_groups": {"(": 1.0}}, "lr_groups"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         lc.TrainConfig(**kwargs)

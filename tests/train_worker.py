@@ -42,20 +42,33 @@ def main() -> None:
     torch.manual_seed(0)
     model = lc.TinyCausalLM(lc.TinyConfig(dropout=args.dropout), seed=0)
     if hasattr(lc, "apply_lora"):
-        model = lc.apply_lora(model, lc.LoraConfig(r=4, alpha=8, dropout=args.dropout, target_modules="all-linear"))
+        model = lc.apply_lora(
+            model, lc.LoraConfig(r=4, alpha=8, dropout=args.dropout, target_modules="all-linear")
+        )
 
     def on_step(step: int, metrics: dict) -> None:
         if args.print_steps:
             print(f"step {step}", flush=True)
         time.sleep(args.sleep)
 
-    cfg = lc.TrainConfig(output_dir=out / "run", lr=3e-3, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         max_steps=args.steps, warmup_steps=2, checkpoint_every=args.checkpoint_every,
-                         resume=args.resume, progress=False, on_step=on_step)  # fmt: skip
+    cfg = lc.TrainConfig(
+        output_dir=out / "run",
+        lr=3e-3,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.steps,
+        warmup_steps=2,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=False,
+        on_step=on_step,
+    )
     lc.train(model, train_set, None, cfg)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(state, str(out / f"final{'' if not torch.distributed.is_initialized() else '-rank0'}.safetensors"))
+        save_file(
+            state, str(out / f"final{'' if not torch.distributed.is_initialized() else '-rank0'}.safetensors")
+        )
     if torch.distributed.is_initialized():  # every rank writes its copy: the test checks they agree
         rank = torch.distributed.get_rank()
         state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -75,8 +75,15 @@ class TinyConfig:
     model_type: str = "lora_core_tiny"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings", "num_labels"):  # fmt: skip
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "num_labels",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TinyConfig.{name} must be a positive int, got {value!r}")
@@ -156,8 +163,9 @@ class TinyModel(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
         if T > self.embed_positions.num_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
-                             f"{self.embed_positions.num_embeddings}")  # fmt: skip
+            raise ValueError(
+                f"sequence length {T} exceeds max_position_embeddings {self.embed_positions.num_embeddings}"
+            )
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.embed_tokens(input_ids) + self.embed_positions(pos))  # (B, T, C)
         for layer in self.layers:
@@ -209,9 +217,11 @@ class TinyCausalLM(_TinyBase):
         self._init_weights(seed)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> SimpleNamespace:  # fmt: skip
+    ) -> SimpleNamespace:
         logits = self.lm_head(self.model(input_ids))  # (B, T, V)
         loss = None
         if labels is not None:
@@ -222,9 +232,14 @@ class TinyCausalLM(_TinyBase):
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
-        temperature: float = 1.0, generator: torch.Generator | None = None, **_: object,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        **_: object,
+    ) -> torch.Tensor:
         """Greedy (or sampled) continuation; returns prompt + new ids ``(B, T + max_new_tokens)``."""
         ids = input_ids
         for _ in range(max_new_tokens):
@@ -252,9 +267,11 @@ class TinyForSequenceClassification(_TinyBase):
         self._init_weights(seed)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> SimpleNamespace:  # fmt: skip
+    ) -> SimpleNamespace:
         h = self.model(input_ids)  # (B, T, C)
         if attention_mask is None:
             last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
