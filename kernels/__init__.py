@@ -2,7 +2,12 @@
 
 Each kernel module imports only torch and triton, and exposes public launchers that (1) check shapes and
 dtypes with clear errors, (2) allocate the output and (3) launch a private ``@triton.jit`` kernel. Triton is
-imported by those modules only, so ``import lora_core`` works on machines without it.
+imported by those modules only, so ``import lora_core`` works on machines without it: the public launchers
+below are loaded on first attribute access (module ``__getattr__``).
+
+- ``nf4_dequantize(q, dtype=torch.bfloat16, out=None)``: NF4 -> dense, bit-exact (``nf4_dequant.py``).
+- ``nf4_matmul(x, q, bias=None)``: ``x @ dequant(q)ᵀ (+ bias)`` (``nf4_gemm.py``).
+- ``nf4_matmul_grad(grad_out, q)``: ``grad_out @ dequant(q)``, the input gradient (``nf4_gemm.py``).
 
 On a machine without a GPU, setting ``TRITON_INTERPRET=1`` before Triton is first imported runs the
 kernels on the CPU (slowly): that is how CI tests them.
@@ -18,11 +23,34 @@ if __name__ != "lora_core.kernels":
         "install lora_core (pip install -e .) and write `from lora_core import kernels`"
     )
 
+import importlib
 import os
+from typing import Any
 
-__all__: list[str] = ["interpreter_active"]
+__all__: list[str] = ["interpreter_active", "nf4_dequantize", "nf4_matmul", "nf4_matmul_grad"]
+
+# public name -> the submodule that defines it (imported, with triton, on first use). The modules are
+# named unlike the functions: the import system binds a submodule as an attribute of its package, which
+# would hide a function of the same name.
+_LAZY = {
+    "nf4_dequantize": "nf4_dequant",
+    "nf4_matmul": "nf4_gemm",
+    "nf4_matmul_grad": "nf4_gemm",
+}
 
 
 def interpreter_active() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

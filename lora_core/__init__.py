@@ -9,7 +9,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from lora_core.adapters import load_adapter, save_adapter
+from lora_core.autograd import nf4_linear
+from lora_core.checkpoint import load_bnb_checkpoint, load_quantized, read_bnb_state_dict, save_quantized
 from lora_core.config import LoraConfig
+from lora_core.fused import fused_dora_linear, fused_lora_linear, fused_mode
 from lora_core.layers import LoRALinear
 from lora_core.model import (
     TrainableReport,
@@ -20,13 +23,15 @@ from lora_core.model import (
     unload_lora,
     unmerge_lora,
 )
+from lora_core.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from lora_core.qlora import NF4Linear, QLoRALinear
 
 __all__: list[str] = [
-    # LoRA layers and model surgery (issue 4)
+    "__version__",
+    # LoRA layers and model surgery
     "LoRALinear",
     "LoraConfig",
     "TrainableReport",
-    "__version__",
     "apply_lora",
     "get_lora_config",
     "load_adapter",
@@ -35,6 +40,21 @@ __all__: list[str] = [
     "trainable_parameters",
     "unload_lora",
     "unmerge_lora",
+    # NF4 quantization and QLoRA
+    "NF4Linear",
+    "NF4Tensor",
+    "QLoRALinear",
+    "dequantize_nf4",
+    "load_bnb_checkpoint",
+    "load_quantized",
+    "nf4_linear",
+    "quantize_nf4",
+    "read_bnb_state_dict",
+    "save_quantized",
+    # fused LoRA / QLoRA / DoRA autograd Functions (issue 7)
+    "fused_dora_linear",
+    "fused_lora_linear",
+    "fused_mode",
 ]
 
 # Training loop, data and the tiny built-in model (issue 8)

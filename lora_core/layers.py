@@ -15,6 +15,9 @@ Everything that touches the frozen weight goes through four hooks, so a subclass
 
     base_forward(x)      x W₀ᵀ + b                      base_weight(dtype)   W₀ as (out, in)
     set_base_weight(w)   W₀ ← w, w given as (out, in)   unload(dequantize)   the plain merged module
+
+and ``base_op()`` hands the fused path (``lora_core.fused``: one autograd Function per layer, the default
+on CUDA) the frozen product as an object; ``None`` keeps a subclass on this module's reference path.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lora_core import fused
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -175,6 +180,13 @@ class LoRALinear(nn.Module):
             )
         self.weight.copy_(w.T if self.fan_in_fan_out else w)
 
+    def base_op(self) -> fused.BaseOp | None:
+        """The frozen product for the fused Function: the dense weight (a view, no copy). A subclass that
+        overrides ``base_weight`` without ``base_op`` gets ``None``, i.e. the reference path."""
+        if type(self).base_weight is not LoRALinear.base_weight:
+            return None
+        return fused.DenseBase(self.base_weight())
+
     def delta_weight(self) -> Tensor:  # (out, in)
         """The low-rank update ``s · B A`` in the adapter's dtype."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
@@ -236,6 +248,8 @@ class LoRALinear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        if fused.use_fused(self, x):  # THE dispatch point: CUDA → the fused Function; else the formula below
+            return fused.lora_layer_forward(self, x)
         result = self.base_forward(x)  # (..., out)
         if self.merged:
             return result

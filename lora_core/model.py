@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lora_core.config import LoraConfig
+from lora_core.config import TASK_MODULES_TO_SAVE, LoraConfig
 from lora_core.layers import LoRALinear, linear_features
+from lora_core.nf4 import NF4Tensor
 
 _CONFIG_ATTR = "_lora_config"
 _REQUIRES_GRAD_ATTR = "_lora_requires_grad"  # the parameters' flags before apply_lora, restored by unload
@@ -55,11 +56,20 @@ class TrainableReport:
 
 
 def trainable_parameters(model: nn.Module) -> TrainableReport:
-    """Count trainable and all parameter elements (shared parameters once)."""
+    """Count trainable and all parameter elements (shared parameters once).
+
+    A frozen NF4 base weight (``QLoRALinear`` / ``NF4Linear``) is no ``nn.Parameter`` but still counts in
+    ``total`` with the elements it stands for (not its packed bytes), so QLoRA reports the same totals as
+    the dense model it quantizes.
+    """
     trainable = total = 0
     for p in model.parameters():
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, NF4Tensor):
+            total += weight.numel
     return TrainableReport(trainable=trainable, total=total)
 
 
@@ -160,8 +170,9 @@ def find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Paths of the modules trained fully. Names the user listed must exist; ``task_type``'s are optional."""
     paths = [p for p, _ in model.named_modules() if p]
     found = [p for p in paths if _matches(cfg.effective_modules_to_save(), p)]
+    optional = TASK_MODULES_TO_SAVE.get(cfg.task_type or "", ())  # PEFT writes both head names
     for name in cfg.modules_to_save or []:
-        if not any(p == name or p.endswith("." + name) for p in found):
+        if name not in optional and not any(p == name or p.endswith("." + name) for p in found):
             raise ValueError(
                 f"modules_to_save: no module named {name!r}; closest: {_close_names(model, name)}"
             )

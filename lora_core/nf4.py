@@ -8,18 +8,41 @@ stores it:
 - Each block is scaled by its absolute maximum (``absmax``, float32) and every element rounds to the
   nearest of the 16 NF4 codes below; the code's index is the 4-bit value.
 - Two codes per byte, the first element in the high nibble: ``[a, b, c, d] -> [ab, cd]``; an odd ``n``
-  leaves the last low nibble as padding (zero).
+  pads the last low nibble with the code of 0.0 (index 7), as bitsandbytes does. Readers ignore it.
 - Double quantization (bitsandbytes' ``compress_statistics=True``): ``offset = mean(absmax)``; then
   ``absmax - offset`` is quantized block-wise (blocks of 256) to 8 bits with bitsandbytes' signed dynamic
   map, keeping one float32 scale per 256-block. Dequantizing adds ``offset`` back.
 
 Memory per parameter: 4 + 32/64 = 4.5 bits without double quantization, 4 + 8/64 + 32/(64·256) ≈ 4.127
 bits with it.
+
+Rounding, to the bit (read off bitsandbytes 0.50's CPU path, which the tests compare against):
+
+- 4-bit: every arithmetic step in float32. A full block is scaled by ``x * (1 / absmax)``, the partial last
+  block by ``x / absmax`` (a true division); ``absmax`` is clamped to ≥ 1e-38 for the scaling (and the
+  partial block stores the clamped value). The result is clamped to [-1, 1] and goes to the code whose
+  bucket between float32 midpoints ``(code[i] + code[i+1]) / 2`` holds it; a value exactly on a midpoint
+  goes to the LOWER code.
+- 8-bit (the nested absmax): scale ``v = x * (1 / absmax256)``; bitsandbytes' CPU kernel then looks the
+  code up in a 65536-entry table: ``j = trunc((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5)`` and
+  ``table[j]`` = the number of float32 midpoints strictly below ``-1 + 2j / 65535``. That is nearest
+  rounding up to a grid of 3e-5, which only matters for the dense codes near zero. A 256-block of zeros
+  stores code 0 with scale 0.
+- ``offset`` is torch's float32 ``mean`` of the absmax vector.
+
+```
+w (out, in) ─flatten─► blocks of 64 ─÷absmax─► nearest NF4 code ─► 2 per byte ─► packed uint8
+                             │
+                             └─ absmax (nb,) ─ −mean ─► blocks of 256 ─► 8-bit dynamic codes + scale
+```
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import json
+from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 
@@ -33,13 +56,14 @@ NF4_CODE = (
 )  # fmt: skip
 
 
-@dataclass
+@dataclass(repr=False)
 class NF4Tensor:
     """A weight quantized to NF4: the packed codes plus what it takes to dequantize them.
 
     Fields (``n`` = number of elements, ``nb = ceil(n / block_size)`` blocks):
 
-    - ``packed``: uint8 ``(ceil(n / 2),)``, two codes per byte, element ``2i`` in the high nibble.
+    - ``packed``: uint8 ``(ceil(n / 2),)``, two codes per byte, element ``2i`` in the high nibble (an odd
+      ``n`` pads the last low nibble with 7, the code of 0.0; never read).
     - ``absmax``: the per-block scales, ``(nb,)``. float32 without double quantization; uint8 codes into
       ``nested_code`` with it.
     - ``shape``, ``dtype``: the original tensor's shape and dtype (the default dequantize dtype).
@@ -78,3 +102,360 @@ class NF4Tensor:
     @property
     def device(self) -> torch.device:
         return self.packed.device
+
+    def __repr__(self) -> str:
+        dq = f", double_quant (nested block {self.nested_block_size})" if self.double_quant else ""
+        return (
+            f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, block_size={self.block_size}{dq}, "
+            f"device={self.device}, {self.bits_per_param:.3f} bits/param)"
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors this container holds, by field name (the ``None`` ones left out)."""
+        names = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors that scale with the weight: packed codes, absmax, nested absmax.
+
+        The two code tables (16 + 256 float32, shared by every weight) and the 0-dim offset are constant
+        overhead and left out; `bits_per_param` is ``8 * nbytes / numel``.
+        """
+        held = [self.packed, self.absmax] + ([self.nested_absmax] if self.double_quant else [])
+        return sum(t.numel() * t.element_size() for t in held)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / max(self.numel, 1)
+
+    def to(self, device: torch.device | str) -> NF4Tensor:
+        """A copy on ``device``; every tensor keeps its dtype (uint8 codes, float32 scales)."""
+        return replace(self, **{k: v.to(device=device) for k, v in self.tensors().items()})
+
+    def cpu(self) -> NF4Tensor:
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> NF4Tensor:
+        if device is None or isinstance(device, int):
+            device = torch.device("cuda", device)
+        return self.to(device)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_nf4(self, dtype)
+
+    # -- serialization: bitsandbytes' state-dict keys, so one format serves both -----------------------------
+
+    def to_bnb_state(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The tensors bitsandbytes writes for a 4-bit weight: ``prefix`` (packed, ``(ceil(n/2), 1)``),
+        ``prefix.absmax``, ``prefix.quant_map``, with double quantization ``prefix.nested_absmax`` and
+        ``prefix.nested_quant_map``, and ``prefix.quant_state.bitsandbytes__nf4`` (a JSON blob as uint8)."""
+        meta: dict[str, object] = {
+            "quant_type": "nf4",
+            "blocksize": self.block_size,
+            "dtype": _dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        out = {
+            prefix: self.packed.reshape(-1, 1),
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": self.code,
+        }
+        if self.double_quant:
+            assert self.offset is not None and self.nested_code is not None  # invariant of double_quant
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax
+            out[f"{prefix}.nested_quant_map"] = self.nested_code
+            meta.update(
+                nested_blocksize=self.nested_block_size,
+                nested_dtype="float32",
+                nested_offset=float(self.offset.item()),
+            )
+        blob = json.dumps(meta).encode("utf-8")
+        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_bnb_state(cls, tensors: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Tensor:
+        """Read what `to_bnb_state` (or bitsandbytes' ``Linear4bit.state_dict``) wrote under ``prefix``."""
+        key = f"{prefix}.quant_state.bitsandbytes__nf4"
+        if key not in tensors:
+            fp4 = f"{prefix}.quant_state.bitsandbytes__fp4"
+            if fp4 in tensors:
+                raise ValueError(f"{fp4!r}: FP4 weights are not supported (NF4 only)")
+            raise ValueError(f"missing key {key!r}")
+        meta = json.loads(bytes(tensors[key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        if meta.get("quant_type") != "nf4":
+            raise ValueError(f"{key}: quant_type {meta.get('quant_type')!r} is not 'nf4'")
+        dtype = getattr(torch, str(meta["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{key}: unknown dtype {meta['dtype']!r}")
+        shape = torch.Size(meta["shape"])
+        packed = tensors[prefix].reshape(-1)
+        if packed.dtype != torch.uint8:  # bnb's quant_storage may be another dtype; the bytes are the same
+            packed = packed.contiguous().view(torch.uint8)
+        n = shape.numel()
+        if packed.numel() != (n + 1) // 2:
+            need = (n + 1) // 2
+            raise ValueError(f"{prefix}: {packed.numel()} bytes for shape {tuple(shape)}; need {need}")
+        nested = f"{prefix}.nested_absmax" in tensors
+        return cls(
+            packed=packed,
+            absmax=tensors[f"{prefix}.absmax"].reshape(-1),
+            shape=shape,
+            dtype=dtype,
+            block_size=int(meta["blocksize"]),
+            code=tensors[f"{prefix}.quant_map"].float(),
+            nested_absmax=tensors[f"{prefix}.nested_absmax"].float() if nested else None,
+            nested_code=tensors[f"{prefix}.nested_quant_map"].float() if nested else None,
+            nested_block_size=int(meta["nested_blocksize"]) if nested else None,
+            offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32) if nested else None,
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Code tables
+# ---------------------------------------------------------------------------------------------------------
+
+
+def nf4_code_table_from_quantiles(offset: float = 0.9677083) -> torch.Tensor:
+    """Build the NF4 table from quantiles of N(0, 1), as in the QLoRA paper (Dettmers et al. 2023, §3).
+
+    The 4-bit range is split asymmetrically so that zero is a code: 8 positive values are the quantiles at
+    8 evenly spaced probabilities from ``offset`` down towards 0.5, 7 negative values mirror the quantiles
+    at 7 probabilities over the same range, plus an exact 0. Everything is divided by the largest value,
+    so the table spans [-1, 1]. ``offset = 0.9677083`` = ½(1/(2·15) + 1 − 1/(2·16))-ish, the paper's
+    choice that keeps ±1 finite. Probabilities are float32 (as bitsandbytes built them), quantiles float64,
+    the table float32.
+
+    Returns:
+        float32 ``(16,)``, sorted; equals `NF4_CODE`.
+    """
+    pos_p = torch.linspace(offset, 0.5, 9, dtype=torch.float32)[:-1]  # 8 probabilities > 0.5
+    neg_p = torch.linspace(offset, 0.5, 8, dtype=torch.float32)[:-1]  # 7
+    pos = torch.special.ndtri(pos_p.double())
+    neg = -torch.special.ndtri(neg_p.double())
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
+    return values / values.max()
+
+
+def dynamic_map_signed() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``), float32 ``(256,)``.
+
+    Dettmers 2015 (8-Bit Approximations for Parallelism in Deep Learning): a sign bit, then a run of
+    exponent bits that is terminated by an indicator bit, then the fraction. For decade ``i = 0..6`` the
+    magnitudes are ``10^(i-6)`` times the midpoints of ``2^i + 1`` points spread linearly over [0.1, 1]
+    (2^i values per decade and sign), giving 2·127 values; add 0 and 1, sort.
+    """
+    values: list[float] = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10.0 ** (i - 6)
+        values += (scale * mids).tolist() + (-scale * mids).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@cache
+def _nf4_midpoints() -> torch.Tensor:
+    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    return (code[:-1] + code[1:]) / 2  # (15,) float32, exact as bitsandbytes computes them
+
+
+@cache
+def _dynamic_map_and_lut() -> tuple[torch.Tensor, torch.Tensor]:
+    """The dynamic map and bitsandbytes' CPU lookup table: grid point ``j`` (value ``-1 + 2j/65535``) →
+    the index of the nearest code, ties to the lower one (= how many midpoints lie strictly below)."""
+    code = dynamic_map_signed()
+    mids = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    lut = torch.bucketize(grid, mids, right=False).to(torch.uint8)  # count of mids < grid
+    return code, lut
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing: two 4-bit codes per byte, first element high
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pack_nf4(codes: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` integer codes in [0, 16) → uint8 ``(ceil(n/2),)``: ``[a, b, c, d] -> [ab, cd]``.
+
+    An odd ``n`` pads with 7 (the code of 0.0), like bitsandbytes.
+    """
+    c = codes.reshape(-1).to(torch.uint8)
+    if c.numel() % 2:
+        c = torch.cat([c, c.new_full((1,), 7)])
+    return (c[0::2] << 4) | c[1::2]
+
+
+def unpack_nf4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 ``(ceil(n/2),)`` → the first ``n`` codes as uint8 ``(n,)`` (inverse of `pack_nf4`)."""
+    p = packed.reshape(-1)
+    codes = torch.stack([p >> 4, p & 0xF], dim=-1).reshape(-1)  # (2·bytes,) high nibble first
+    return codes[:n]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantize / dequantize
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_block_size(block_size: object, name: str = "block_size") -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
+    if not (16 <= block_size <= 4096) or block_size & (block_size - 1):
+        raise ValueError(f"{name} must be a power of two in [16, 4096], got {block_size}")
+    return block_size
+
+
+def _check_weight(w: object) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.is_complex():
+        raise ValueError(f"w must be a real floating-point tensor, got complex dtype {w.dtype}")
+    if not w.is_floating_point():
+        raise ValueError(f"w must be a floating-point tensor (float32/bfloat16/float16), got {w.dtype}")
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        what = "NaN" if bool(torch.isnan(w).any()) else "inf"
+        raise ValueError(f"w contains {what}; NF4 needs finite weights")
+    return w
+
+
+def _blockwise_absmax(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Split flat ``x`` into full blocks ``(nb_full, block_size)`` and a tail; absmax of the full blocks."""
+    full = x.numel() - x.numel() % block_size
+    blocks = x[:full].reshape(-1, block_size)  # (nb_full, bs)
+    return blocks, blocks.abs().amax(dim=-1) if full else x.new_zeros(0), full
+
+
+def _quantize_4bit(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat float32 ``(n,)`` → (codes uint8 ``(n,)``, absmax float32 ``(nb,)``), bitsandbytes' rounding."""
+    blocks, absmax, full = _blockwise_absmax(x, block_size)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)  # reciprocal, then multiply
+    if full < x.numel():  # the partial last block: a true division by its (clamped, and so stored) absmax
+        tail_max = x[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled = torch.cat([scaled, x[full:] / tail_max])
+    scaled = scaled.clamp(-1.0, 1.0)
+    codes = torch.bucketize(scaled, _nf4_midpoints().to(x.device), right=False)  # on a midpoint → lower
+    return codes.to(torch.uint8), absmax
+
+
+def _quantize_8bit_dynamic(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat float32 → (uint8 codes into `dynamic_map_signed`, float32 scale per block), bnb CPU rounding."""
+    _, lut = _dynamic_map_and_lut()
+    n = x.numel()
+    pad = (-n) % block_size
+    blocks = torch.cat([x, x.new_zeros(pad)]).reshape(-1, block_size)  # zero padding leaves absmax alone
+    absmax = blocks.abs().amax(dim=-1)  # (nb,)
+    # 0 · inf = nan appears only where absmax == 0; those blocks are overwritten below.
+    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1.0, 1.0)
+    j = ((v + 1.0) * 0.5 * 65535.0 + 0.5).nan_to_num(0.0).to(torch.int64)  # trunc: values are ≥ 0
+    q = lut.to(x.device)[j]
+    q = torch.where(absmax[:, None] == 0, torch.zeros_like(q), q)  # bnb writes code 0 for an all-zero block
+    return q.reshape(-1)[:n], absmax
+
+
+def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize ``w`` to NF4 exactly as bitsandbytes' ``quantize_4bit(quant_type="nf4")`` does.
+
+    Args:
+        w: float32 / bfloat16 / float16 (float64 is accepted and rounded to float32 first), any shape,
+            finite. Empty tensors give an empty `NF4Tensor`.
+        block_size: elements per absmax block, a power of two in [16, 4096] (QLoRA: 64).
+        double_quant: quantize the absmax vector too (QLoRA §3 "Double Quantization"; bitsandbytes'
+            ``compress_statistics=True``): 8-bit dynamic codes in blocks of 256 around their mean.
+
+    Returns:
+        An `NF4Tensor` on ``w``'s device.
+    """
+    _check_block_size(block_size)
+    w = _check_weight(w)
+    x = w.detach().reshape(-1).to(torch.float32)  # (n,)
+    codes, absmax = _quantize_4bit(x, block_size)
+    q = NF4Tensor(
+        packed=pack_nf4(codes),
+        absmax=absmax,
+        shape=torch.Size(w.shape),
+        dtype=w.dtype,
+        block_size=block_size,
+        code=torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device),
+    )
+    if not double_quant:
+        return q
+    offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+    q8, nested_absmax = _quantize_8bit_dynamic(absmax - offset, 256)
+    return replace(
+        q,
+        absmax=q8,
+        nested_absmax=nested_absmax,
+        nested_code=dynamic_map_signed().to(w.device),
+        nested_block_size=256,
+        offset=offset,
+    )
+
+
+def nf4_block_scales(q: NF4Tensor) -> torch.Tensor:
+    """The float32 absmax per block ``(nb,)``, undoing double quantization if there is one."""
+    if not q.double_quant:
+        return q.absmax.float()
+    assert q.nested_code is not None and q.offset is not None and q.nested_block_size is not None
+    scale = q.nested_absmax.repeat_interleave(q.nested_block_size)[: q.absmax.numel()]  # (nb,)
+    return q.nested_code[q.absmax.long()] * scale + q.offset  # multiply, then add: two float32 roundings
+
+
+def nf4_dequantize_ref(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reference dequantization (the kernels match it bit for bit): ``code[nibble] * absmax`` in float32,
+    then one rounding to ``dtype``. Returns ``q.shape``."""
+    n = q.numel
+    values = q.code[unpack_nf4(q.packed, n).long()]  # (n,) float32
+    scales = nf4_block_scales(q).repeat_interleave(q.block_size)[:n]  # (n,)
+    return (values * scales).to(dtype).reshape(q.shape)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Back to a dense tensor of ``q.shape`` in ``dtype`` (default: the dtype that was quantized)."""
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
+    dtype = q.dtype if dtype is None else dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    return nf4_dequantize_ref(q, dtype)
+
+
+def nf4_matmul_ref(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(q)ᵀ + bias`` in ``x``'s dtype: ``x (..., in)``, ``q (out, in)`` → ``(..., out)``."""
+    return torch.nn.functional.linear(x, nf4_dequantize_ref(q, x.dtype), bias)
+
+
+def nf4_matmul_grad_ref(grad_out: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """``grad_out @ dequant(q)``: the input gradient of `nf4_matmul_ref`. ``(..., out)`` → ``(..., in)``."""
+    return grad_out @ nf4_dequantize_ref(q, grad_out.dtype)
+
+
+def max_code_gap() -> float:
+    """The widest gap between neighbouring NF4 codes (between -1 and -0.696…); half of it bounds the
+    per-element round-trip error in units of the block's absmax."""
+    code = NF4_CODE
+    return max(b - a for a, b in itertools.pairwise(code))
+
+
+__all__ = [
+    "NF4_CODE",
+    "NF4Tensor",
+    "dequantize_nf4",
+    "dynamic_map_signed",
+    "max_code_gap",
+    "nf4_block_scales",
+    "nf4_code_table_from_quantiles",
+    "nf4_dequantize_ref",
+    "nf4_matmul_grad_ref",
+    "nf4_matmul_ref",
+    "pack_nf4",
+    "quantize_nf4",
+    "unpack_nf4",
+]

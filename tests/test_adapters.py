@@ -1,0 +1,165 @@
+"""save_adapter / load_adapter: PEFT's directory layout, safetensors only, and loads that fail cleanly."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lora_core as lc
+from lora_core.model import lora_layers
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.ModuleDict(
+            {"q_proj": nn.Linear(6, 6), "v_proj": nn.Linear(6, 4), "out": nn.Linear(4, 3)}
+        )
+        self.classifier = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body["q_proj"](x))
+        return self.classifier(self.body["out"](self.body["v_proj"](h)))
+
+
+@pytest.fixture
+def base() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+X = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+
+
+def _adapted(base: nn.Module, **kwargs) -> nn.Module:
+    model = lc.apply_lora(
+        copy.deepcopy(base), lc.LoraConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj"], **kwargs)
+    )
+    torch.manual_seed(2)
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_B.weight, std=0.3)
+        if layer.use_dora:
+            with torch.no_grad():
+                layer.lora_magnitude_vector.mul_(1.5)
+    if model.classifier.weight.requires_grad:
+        nn.init.normal_(model.classifier.weight)
+    return model.eval()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"use_dora": True, "use_rslora": True},
+        {"task_type": "SEQ_CLS", "bias": "lora_only"},
+        {"init": "pissa"},
+    ],
+)
+def test_save_then_load_reproduces_the_model(base, tmp_path, kwargs):
+    model = _adapted(base, **kwargs)
+    y = model(X)
+    out = lc.save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny/net")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "tiny/net"
+    assert config["r"] == 2 and config["lora_alpha"] == 3
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors["base_model.model.body.q_proj.lora_A.weight"].shape == (2, 6)
+    assert tensors["base_model.model.body.v_proj.lora_B.weight"].shape == (4, 2)
+    assert all(k.startswith("base_model.model.") for k in tensors)
+    if kwargs.get("use_dora"):
+        assert tensors["base_model.model.body.v_proj.lora_magnitude_vector"].shape == (4,)
+    if kwargs.get("task_type"):
+        assert (
+            "base_model.model.classifier.weight" in tensors and "base_model.model.body.q_proj.bias" in tensors
+        )
+    loaded = lc.load_adapter(copy.deepcopy(base), out)
+    assert torch.equal(loaded(X), y)
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    trainable = lc.load_adapter(copy.deepcopy(base), out, is_trainable=True)
+    assert lc.trainable_parameters(trainable).trainable == lc.trainable_parameters(model).trainable
+
+
+def test_save_works_on_a_merged_model_and_overwrites(base, tmp_path):
+    model = _adapted(base, use_dora=True)
+    y = model(X)
+    lc.merge_lora(model)
+    lc.save_adapter(model, tmp_path)
+    lc.save_adapter(model, tmp_path)  # overwriting is fine; no temporary files stay behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    torch.testing.assert_close(lc.load_adapter(copy.deepcopy(base), tmp_path)(X), y)
+
+
+def _corrupt(tmp_path, base, edit):
+    lc.save_adapter(_adapted(base), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    edit(tensors, config)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+
+P = "base_model.model.body."
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t, c: t.update({P + "v_proj.lora_B.weight": torch.zeros(5, 2)}),
+            "v_proj.lora_B.weight.*shape",
+        ),
+        (lambda t, c: t.pop(P + "v_proj.lora_A.weight"), "no tensor 'body.v_proj.lora_A.weight'"),
+        (lambda t, c: t.update({P + "out.lora_A.weight": torch.zeros(2, 4)}), "out.lora_A.weight"),
+        (lambda t, c: c.update(target_modules=["q_proj", "k_proj"]), "k_proj"),
+        (lambda t, c: c.update(r=4), "q_proj.lora_A.weight.*shape"),
+        (lambda t, c: c.update(lora_alpha=-1), "alpha"),
+        (lambda t, c: c.update(use_dora=True), "lora_magnitude_vector"),
+        (lambda t, c: c.update(modules_to_save=["classifier"]), "classifier.weight"),
+    ],
+)
+def test_a_load_that_does_not_fit_leaves_the_model_as_it_was(base, tmp_path, edit, message):
+    _corrupt(tmp_path, base, edit)
+    target = copy.deepcopy(base)
+    before = _state(target)
+    grads = [p.requires_grad for p in target.parameters()]
+    with pytest.raises(ValueError, match=message):
+        lc.load_adapter(target, tmp_path)
+    after = _state(target)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in target.parameters()] == grads and not list(lora_layers(target))
+
+
+def test_missing_files_and_pickles(base, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lc.load_adapter(base, tmp_path / "nope")
+    lc.save_adapter(_adapted(base), tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save({}, tmp_path / "adapter_model.bin")  # a pickle is never read
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        lc.load_adapter(base, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    save_file({}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="JSON"):
+        lc.load_adapter(base, tmp_path)
+
+
+def test_load_into_a_model_that_has_lora_already(base, tmp_path):
+    model = _adapted(base)
+    lc.save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lc.load_adapter(model, tmp_path)
+
+
+def test_save_without_lora_is_an_error(base, tmp_path):
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lc.save_adapter(base, tmp_path)
