@@ -406,17 +406,46 @@ def merge(args: argparse.Namespace) -> int:
 
 
 def quantize(args: argparse.Namespace) -> int:
-    from lora_core import checkpoint
+    """NF4-quantize the 2-D ``*.weight`` tensors of a safetensors file (not embeddings or the output head,
+    as bitsandbytes does), written in bitsandbytes' serialization; other tensors are copied unchanged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from lora_core.nf4 import quantize_nf4
 
     src, dst = Path(args.input), Path(args.output)
     if not src.is_file():
         raise CliError(f"input file not found: {src}")
-    if dst.resolve() == src.resolve():
+    if dst.exists() and dst.resolve() == src.resolve():
         raise CliError("output must differ from input")
-    report = checkpoint.quantize_file(
-        src, dst, block_size=args.block_size, double_quant=not args.no_double_quant
+    try:
+        tensors = load_file(str(src))
+    except SafetensorError as e:
+        raise CliError(f"{src} is not a safetensors file ({e})") from None
+    out: dict[str, Any] = {}
+    n_quantized = before = after = 0
+    for key, t in tensors.items():
+        skip = "embed" in key or "lm_head" in key or t.dim() != 2 or not t.is_floating_point()
+        if skip or not key.endswith(".weight"):
+            out[key] = t.contiguous()
+            continue
+        state = quantize_nf4(t, block_size=args.block_size, double_quant=not args.no_double_quant)
+        out.update(state.to_bnb_state(prefix=key))
+        n_quantized += 1
+        before += t.numel() * t.element_size()
+        after += state.nbytes
+    if n_quantized == 0:
+        raise CliError(f"{src} has no 2-D floating-point *.weight tensor to quantize")
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        save_file(out, str(tmp), metadata={"format": "pt", "lora_core": "nf4"})
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(
+        f"quantized {n_quantized} weights: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB; wrote {dst}",
+        file=sys.stderr,
     )
-    print(report if isinstance(report, str) else f"wrote {dst}", file=sys.stderr)
     return 0
 
 

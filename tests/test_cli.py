@@ -154,3 +154,25 @@ def test_bench_without_the_benchmark_module_says_so() -> None:
         pytest.skip("lora_core.bench exists; its own tests cover it")
     result = cli("bench")
     assert result.returncode == 2 and "lora_core.bench" in result.stderr
+
+
+def test_quantize_writes_bitsandbytes_nf4_and_copies_the_rest(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lora_core.checkpoint import load_bnb_checkpoint
+    from lora_core.nf4 import dequantize_nf4, quantize_nf4
+
+    gen = torch.Generator().manual_seed(0)
+    src = {"q_proj.weight": torch.randn(64, 96, generator=gen), "q_proj.bias": torch.randn(64, generator=gen),
+           "embed_tokens.weight": torch.randn(10, 8, generator=gen)}  # fmt: skip
+    save_file(src, str(tmp_path / "in.safetensors"))
+    result = cli("quantize", str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"))
+    assert result.returncode == 0, result.stderr
+    loaded = load_bnb_checkpoint(tmp_path / "out.safetensors")
+    expected = dequantize_nf4(quantize_nf4(src["q_proj.weight"], block_size=64, double_quant=True))
+    assert torch.equal(dequantize_nf4(loaded["q_proj.weight"]), expected)
+    assert torch.equal(loaded["q_proj.bias"], src["q_proj.bias"])
+    assert torch.equal(loaded["embed_tokens.weight"], src["embed_tokens.weight"])  # embeddings stay dense
+    missing = cli("quantize", str(tmp_path / "nope.safetensors"), str(tmp_path / "o2.safetensors"))
+    assert missing.returncode == 2 and "input file not found" in missing.stderr
+    assert not (tmp_path / "o2.safetensors").exists()
