@@ -56,3 +56,22 @@ __all__: list[str] = [
     "fused_lora_linear",
     "fused_mode",
 ]
+
+# Training loop, data and the tiny built-in model (issue 8)
+from lora_core.data import PackedDataset, load_dataset
+from lora_core.models.tiny import CharTokenizer, TinyCausalLM, TinyConfig, TinyForSequenceClassification
+from lora_core.train import TrainConfig, TrainingDiverged, TrainResult, evaluate, train
+
+__all__ += [
+    "CharTokenizer",
+    "PackedDataset",
+    "TinyCausalLM",
+    "TinyConfig",
+    "TinyForSequenceClassification",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "evaluate",
+    "load_dataset",
+    "train",
+]
