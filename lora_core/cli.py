@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--block-size", type=int, default=64)
     qz.add_argument("--no-double-quant", action="store_true", help="keep float32 block scales")
 
-    bn = sub.add_parser("bench", help="run the kernel benchmarks (lora_core.bench)", add_help=False)
+    bn = sub.add_parser(
+        "bench",
+        help="run a GPU benchmark: kernels (default), layer or e2e; `bench SUITE --help` for its options",
+        add_help=False,
+    )
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
@@ -449,18 +453,26 @@ def quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# `lora-core bench [SUITE] ...`: each suite is a module of the package with its own `main(argv)` parser.
+BENCH_SUITES = {
+    "kernels": "lora_core.bench",  # NF4 dequantize / matmul vs cuBLAS and bitsandbytes
+    "layer": "lora_core.bench_layers",  # fused LoRA / QLoRA / DoRA layer vs the frozen linear and PEFT
+    "e2e": "lora_core.bench_e2e",  # end-to-end QLoRA training vs PEFT + bitsandbytes
+}
+
+
 def _bench(argv: list[str]) -> int:
+    suite = argv[0] if argv and not argv[0].startswith("-") else "kernels"
+    if suite not in BENCH_SUITES:
+        raise CliError(f"unknown benchmark {suite!r}; choose from {sorted(BENCH_SUITES)}")
+    module_name = BENCH_SUITES[suite]
     try:
-        bench = importlib.import_module("lora_core.bench")
+        bench = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name != "lora_core.bench":
+        if e.name != module_name:
             raise
-        print(
-            "lora-core: error: the benchmarks (lora_core.bench) are not part of this install yet",
-            file=sys.stderr,
-        )
-        return 2
-    return int(bench.main(argv) or 0)
+        raise CliError(f"the {suite} benchmark ({module_name}) is not part of this install") from None
+    return int(bench.main(argv[1:] if argv[:1] == [suite] else argv) or 0)
 
 
 if __name__ == "__main__":

@@ -147,13 +147,19 @@ def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert exit_info.value.code == 0 and word in capsys.readouterr().out, argv
 
 
-def test_bench_without_the_benchmark_module_says_so() -> None:
-    import importlib.util
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU `bench` would run the real benchmark")
+@pytest.mark.parametrize("suite", [[], ["kernels"], ["layer"]])
+def test_bench_without_a_gpu_says_so_and_exits_2(suite: list[str]) -> None:
+    result = cli("bench", *suite)
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
-    if importlib.util.find_spec("lora_core.bench") is not None:
-        pytest.skip("lora_core.bench exists; its own tests cover it")
-    result = cli("bench")
-    assert result.returncode == 2 and "lora_core.bench" in result.stderr
+
+def test_bench_rejects_an_unknown_suite() -> None:
+    result = cli("bench", "warp-speed")
+    assert result.returncode == 2
+    expected = "lora-core: error: unknown benchmark 'warp-speed'; choose from ['e2e', 'kernels', 'layer']"
+    assert result.stderr.strip() == expected
 
 
 def test_quantize_writes_bitsandbytes_nf4_and_copies_the_rest(tmp_path: Path) -> None:
