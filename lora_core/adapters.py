@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_core._io import atomic_write, atomic_write_text
 from lora_core.config import LoraConfig
 from lora_core.layers import linear_features
 from lora_core.model import apply_lora, find_modules_to_save, find_targets, get_lora_config, lora_layers
@@ -34,18 +34,6 @@ from lora_core.model import apply_lora, find_modules_to_save, find_targets, get_
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).model (the user's model)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file next to ``path``, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,9 +78,10 @@ def save_adapter(
     }
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt"}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     text = json.dumps(cfg.to_peft_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(directory / CONFIG_NAME, text)
     return directory
 
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lora_core._io import atomic_write, atomic_write_text
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (8192, 8192), (28672, 8192), (11008, 4096), (4096, 11008)]
 M_VALUES: list[int] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -84,21 +84,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written result."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
     payload = {"meta": meta, "results": list(rows)}
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bool:
@@ -131,7 +119,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bo
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"NF4 kernels on {meta.get('device', '?')}", fontsize=10)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return True
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_core.bench import _atomic_write, _shape, _time_us, _versions, write_json
+from lora_core._io import atomic_write
+from lora_core.bench import _shape, _time_us, _versions, write_json
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (11008, 4096)]  # (out, in)
 M_VALUES: list[int] = [4096, 16384]
@@ -200,7 +201,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bo
     ax.set_title(f"LoRA layer, r={meta['r']}, bf16 — {meta['device']}", fontsize=9)
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return True
 

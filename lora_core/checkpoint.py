@@ -18,29 +18,15 @@ so a file written here loads into bitsandbytes / transformers and theirs load he
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_core._io import atomic_write
 from lora_core.nf4 import NF4Tensor
 
 QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
@@ -54,7 +40,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
             state[key] = value.clone()
         elif ptr != -1:
             seen[ptr] = key
-    _atomic_save(state, Path(path), {"format": "pt", "lora_core": "nf4"})
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "lora_core": "nf4"}))
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:

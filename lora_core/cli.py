@@ -19,13 +19,13 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from lora_core import __version__
+from lora_core._io import atomic_write, atomic_write_dir, atomic_write_text
 
 TINY = "tiny"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapters record as their base
@@ -224,24 +224,8 @@ def _peak_memory_mb(device: Any) -> float:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from lora_core.train import _atomic_write
 
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), "w")
-
-
-def _save_adapter_atomic(model: Any, out: Path) -> None:
-    """``save_adapter`` into a temporary sibling directory, then rename it into place."""
-    import lora_core as lc
-
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        lc.save_adapter(model, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # -------------------------------------------------------------------------------------------- finetune
@@ -341,7 +325,7 @@ def finetune(args: argparse.Namespace) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        _save_adapter_atomic(model, out_dir / "adapter")
+        atomic_write_dir(out_dir / "adapter", lambda tmp: lc.save_adapter(model, tmp))
         trainable = lc.trainable_parameters(model).trainable
         metrics = {
             "model": base_name,
@@ -395,16 +379,13 @@ def merge(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_model(base, torch.device("cpu"))
     model = lc.load_adapter(model, adapter)  # ValueError (exit 2) when it was made for another model
     plain = lc.unload_lora(model, dequantize=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+
+    def write_merged(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_dir(out, write_merged)
     print(f"merged {adapter} into {base or 'SmolLM2-135M-Instruct'}; wrote {out}", file=sys.stderr)
     return 0
 
@@ -440,12 +421,7 @@ def quantize(args: argparse.Namespace) -> int:
         after += state.nbytes
     if n_quantized == 0:
         raise CliError(f"{src} has no 2-D floating-point *.weight tensor to quantize")
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        save_file(out, str(tmp), metadata={"format": "pt", "lora_core": "nf4"})
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(dst, lambda tmp: save_file(out, str(tmp), metadata={"format": "pt", "lora_core": "nf4"}))
     print(
         f"quantized {n_quantized} weights: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB; wrote {dst}",
         file=sys.stderr,

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from lora_core._io import atomic_write, atomic_write_text
 from lora_core.data import IGNORE_INDEX, collate
 
 TASKS = ("CAUSAL_LM", "SEQ_CLS")
@@ -239,24 +240,6 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": ps, "lr": cfg.lr * s, "weight_decay": wd} for (s, wd), ps in groups.items()]
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write via a temp file in the same directory, fsync it, rename over ``path``, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class _Progress:
     """A one-line progress bar on stderr (redrawn on a terminal, a line every ~5% otherwise)."""
 
@@ -297,7 +280,7 @@ def plot_loss_curve(history: list[dict[str, float]], path: str | Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return True
 
@@ -380,7 +363,7 @@ def train(
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     metrics_path = out_dir / "metrics.jsonl" if writer else None
     if metrics_path is not None:  # drop lines from beyond the checkpoint (a killed run logged them)
-        _atomic_write(metrics_path, lambda f: f.writelines(json.dumps(h) + "\n" for h in history), "w")
+        atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
     progress = _Progress(total, cfg.progress and rank == 0)
     model.train()
@@ -501,7 +484,7 @@ def _save_checkpoint(
             "world_size": world,
             "history": json.dumps(history),
         }
-        _atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
     if world > 1:
         dist.barrier()
 
