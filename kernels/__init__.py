@@ -19,8 +19,11 @@ from __future__ import annotations
 # importable as `kernels` (say, from a checkout put on sys.path) it would shadow that package.
 if __name__ != "lora_core.kernels":
     raise ImportError(
-        f"this folder is the package 'lora_core.kernels' and cannot be imported as {__name__!r}; "
-        "install lora_core (pip install -e .) and write `from lora_core import kernels`"
+        f"this folder is the package 'lora_core.kernels' and cannot be imported as {__name__!r}. "
+        "Most likely a lora_core checkout is on sys.path (Python started in its root, e.g. `python -c` or "
+        "`python -m pytest` there) and something asked for the top-level `kernels` package (transformers "
+        "does on import). Start Python from another directory or use the installed scripts (`pytest`, "
+        "`lora-core`); in code, write `from lora_core import kernels`."
     )
 
 import importlib

@@ -12,6 +12,7 @@ from lora_core.adapters import load_adapter, save_adapter
 from lora_core.autograd import nf4_linear
 from lora_core.checkpoint import load_bnb_checkpoint, load_quantized, read_bnb_state_dict, save_quantized
 from lora_core.config import LoraConfig
+from lora_core.data import PackedDataset, load_dataset
 from lora_core.fused import fused_dora_linear, fused_lora_linear, fused_mode
 from lora_core.layers import LoRALinear
 from lora_core.losses import causal_lm_hidden_and_head, causal_lm_loss, chunked_causal_lm_loss
@@ -24,8 +25,10 @@ from lora_core.model import (
     unload_lora,
     unmerge_lora,
 )
+from lora_core.models.tiny import CharTokenizer, TinyCausalLM, TinyConfig, TinyForSequenceClassification
 from lora_core.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from lora_core.qlora import NF4Linear, QLoRALinear
+from lora_core.train import TrainConfig, TrainingDiverged, TrainResult, evaluate, train
 
 __all__: list[str] = [
     "__version__",
@@ -52,10 +55,22 @@ __all__: list[str] = [
     "quantize_nf4",
     "read_bnb_state_dict",
     "save_quantized",
-    # fused LoRA / QLoRA / DoRA autograd Functions (issue 7)
+    # fused LoRA / QLoRA / DoRA autograd Functions (the default path on CUDA)
     "fused_dora_linear",
     "fused_lora_linear",
     "fused_mode",
+    # training loop, data and the tiny built-in model
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "evaluate",
+    "train",
+    "PackedDataset",
+    "load_dataset",
+    "CharTokenizer",
+    "TinyCausalLM",
+    "TinyConfig",
+    "TinyForSequenceClassification",
     # chunked causal-LM loss (issue 10): no (tokens × vocab) fp32 logits
     "causal_lm_hidden_and_head",
     "causal_lm_loss",

@@ -1,0 +1,541 @@
+"""A minimal, exact training loop: ``lc.train(model, train_data, eval_data, config)``.
+
+It trains exactly the parameters with ``requires_grad`` (after ``apply_lora`` those are the adapters and
+``modules_to_save``), on any ``nn.Module`` whose forward takes ``input_ids`` (and ``attention_mask``) and
+returns logits — a tensor, a dict with ``"logits"``, or an object with ``.logits`` (transformers models).
+
+**One optimizer step** over a global batch of ``G = batch_size × grad_accum × world_size`` examples::
+
+    step s → epoch e = s // S, position p = s % S          (S = steps per epoch, last partial batch dropped)
+    perm_e  = randperm(N, seed + e)                        (stateless: no sampler state to save)
+    global  = perm_e[p·G : (p+1)·G]; micro-batch m of rank r = global[(m·W + r)·B : … + B]
+    loss    = Σ_tokens CE / n_target_tokens(global)        (every rank knows the global count)
+
+Because the loss is normalized by the token count of the *whole* global batch, the gradient is the same
+whether the batch is split over micro-batches, ranks, or neither: 2 DDP processes equal 1 process with the
+same global batch, and grad accumulation equals a bigger batch (up to float summation order).
+
+**Checkpoints** (``checkpoint.pt``, every ``checkpoint_every`` steps) hold the trainable weights, optimizer,
+scheduler, step and RNG states; they are written atomically (temp file, fsync, rename). Resuming restores
+all of it, so a run killed at any point and resumed ends with the same weights as an uninterrupted run.
+
+**Learning rate**: linear warm-up to ``lr`` over ``warmup_steps``, then cosine / linear decay to
+``min_lr_ratio × lr``, or constant. LoRA+ (Hayou et al. 2024) trains ``B`` with ``lr × loraplus_lr_ratio``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from lora_core.data import IGNORE_INDEX, collate
+
+TASKS = ("CAUSAL_LM", "SEQ_CLS")
+SCHEDULES = ("cosine", "linear", "constant")
+CHECKPOINT_NAME = "checkpoint.pt"
+# Fields that change the trajectory: a checkpoint refuses to resume under different values.
+_TRAJECTORY_FIELDS = (
+    "task",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "max_grad_norm",
+    "loraplus_lr_ratio",
+    "lr_groups",
+    "seed",
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or gradient norm) became NaN or inf; the parameters of the last good step are kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``train``; validated at construction.
+
+    Args:
+        output_dir: where ``checkpoint.pt``, ``metrics.jsonl`` and ``loss_curve.png`` go (None: nothing).
+        task: ``"CAUSAL_LM"`` (next-token loss on ``labels``, ``-100`` ignored) or ``"SEQ_CLS"`` (one label
+            per example).
+        lr, weight_decay, adam_betas, adam_eps: AdamW (Loshchilov & Hutter 2019); decay only on ≥2-D weights.
+        batch_size: examples per micro-batch *per process*. grad_accum: micro-batches per optimizer step.
+        epochs, max_steps: train for ``max_steps`` steps if given, else ``epochs`` passes over the data.
+        warmup_steps, schedule, min_lr_ratio: the learning-rate schedule (see the module docstring).
+        max_grad_norm: clip the global grad norm to this (None: no clipping).
+        mixed_precision: ``"bf16"`` autocast, ``"no"``, or ``"auto"`` (bf16 on a CUDA device that has it).
+        gradient_checkpointing: recompute activations in backward (the model must offer
+            ``gradient_checkpointing_enable``, as transformers models and the tiny model do).
+        loraplus_lr_ratio: LoRA+ — parameters named ``lora_B`` get ``lr × ratio`` (the paper suggests 16).
+        lr_groups: per-layer learning rates, ``{regex: multiplier}`` matched with ``re.search`` against
+            parameter names, first match wins (e.g. ``{r"layers\\.(0|1)\\.": 0.1}``).
+        eval_every, checkpoint_every: every N optimizer steps (None: only at the end / never).
+        seed: data order and dropout. resume: continue from ``output_dir/checkpoint.pt`` if it exists.
+        log_every: a metrics line every N steps. progress: draw the progress bar on stderr.
+        on_step: called after every optimizer step with ``(step, metrics)`` (rank 0 only).
+    """
+
+    output_dir: str | Path | None = None
+    task: str = "CAUSAL_LM"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    loraplus_lr_ratio: float | None = None
+    lr_groups: dict[str, float] = field(default_factory=dict)
+    eval_every: int | None = None
+    eval_batch_size: int | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    resume: bool = False
+    log_every: int = 1
+    progress: bool = True
+    on_step: Callable[[int, dict[str, float]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"TrainConfig.task must be one of {TASKS}, got {self.task!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(
+                f"TrainConfig.mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}"
+            )
+        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"TrainConfig.{name} must be None or an int >= 1, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a positive finite float, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm}")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise ValueError(
+                f"TrainConfig.loraplus_lr_ratio must be None or > 0, got {self.loraplus_lr_ratio}"
+            )
+        for pattern, scale in self.lr_groups.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"TrainConfig.lr_groups: {pattern!r} is not a valid regex ({e})") from None
+            if not scale > 0:
+                raise ValueError(f"TrainConfig.lr_groups[{pattern!r}] must be > 0, got {scale}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in _TRAJECTORY_FIELDS}
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: steps done, the last train / eval loss, throughput and the metric history."""
+
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    tokens_per_s: float
+    train_tokens: int
+    history: list[dict[str, float]]
+    checkpoint: Path | None
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    kwargs = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    out = model(**kwargs)
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return out["logits"]
+    return out.logits
+
+
+def _n_targets(labels: torch.Tensor, task: str) -> int:
+    """How many loss terms a batch contributes: target tokens (causal LM) or examples (classification)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if task == "CAUSAL_LM" else labels.shape[0]
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Summed cross-entropy. Causal LM: logits ``(B, T, V)`` at t predict ``labels[:, t+1]`` ``(B, T)``."""
+    if task == "CAUSAL_LM":
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            labels[:, 1:].flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+    return F.cross_entropy(logits.float(), labels, reduction="sum")  # (B, n_labels) vs (B,)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier on the base lr for optimizer step ``step`` (0-based): warm-up, then the schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups keyed by (lr multiplier, weight decay): LoRA+, ``lr_groups``, no decay on 1-D params."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((s for pat, s in cfg.lr_groups.items() if re.search(pat, name)), 1.0)
+        if cfg.loraplus_lr_ratio is not None and "lora_B" in name:
+            scale *= cfg.loraplus_lr_ratio
+        wd = cfg.weight_decay if p.dim() >= 2 else 0.0
+        groups.setdefault((scale, wd), []).append(p)
+    if not groups:
+        raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+    return [{"params": ps, "lr": cfg.lr * s, "weight_decay": wd} for (s, wd), ps in groups.items()]
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write via a temp file in the same directory, fsync it, rename over ``path``, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class _Progress:
+    """A one-line progress bar on stderr (redrawn on a terminal, a line every ~5% otherwise)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
+        self.every = 1 if self.tty else max(1, total // 20)
+
+    def update(self, step: int, loss: float, lr: float, tok_s: float) -> None:
+        if not self.enabled or (step % self.every and step != self.total):
+            return
+        width = 24
+        bar = "#" * (width * step // self.total)
+        line = f"[{bar:<{width}}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s"
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        if self.tty and step == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def plot_loss_curve(history: list[dict[str, float]], path: str | Path) -> bool:
+    """Draw train (and eval) loss against step into a PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, config: TrainConfig | None = None) -> float:
+    """Mean loss per target (token or example) over ``data``, summed across DDP ranks if running."""
+    cfg = config or TrainConfig()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    bs = cfg.eval_batch_size or cfg.batch_size
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, count)
+    idx = list(range(rank, len(data), world))
+    for i in range(0, len(idx), bs):
+        batch = {k: v.to(device) for k, v in collate([data[j] for j in idx[i : i + bs]]).items()}
+        with _autocast(device, cfg):
+            logits = _logits(model, batch)
+        total[0] += loss_sum(logits, batch["labels"], cfg.task).double()
+        total[1] += _n_targets(batch["labels"], cfg.task)
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> Any:
+    on = cfg.mixed_precision == "bf16" or (
+        cfg.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: nn.Module, train_data: Dataset, eval_data: Dataset | None = None, config: TrainConfig | None = None
+) -> TrainResult:
+    """Train the ``requires_grad`` parameters of ``model`` in place; see the module docstring."""
+    cfg = config or TrainConfig()
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # under torchrun
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    G = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = len(train_data) // G
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train_data has {len(train_data)} examples, fewer than one global batch of {G} "
+            f"(batch_size {cfg.batch_size} × grad_accum {cfg.grad_accum} × {world} processes)"
+        )
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    out_dir = Path(cfg.output_dir) if cfg.output_dir is not None else None
+    writer = rank == 0 and out_dir is not None
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    if cfg.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+    )
+    torch.manual_seed(cfg.seed + rank)  # dropout masks; the data order has its own generator per epoch
+    random.seed(cfg.seed + rank)
+
+    start, history = 0, []
+    ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
+    if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
+        start, history = _load_checkpoint(ckpt_path, named, optimizer, scheduler, cfg, world, rank)
+    last_good = start if start > 0 else None
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    metrics_path = out_dir / "metrics.jsonl" if writer else None
+    if metrics_path is not None:  # drop lines from beyond the checkpoint (a killed run logged them)
+        _atomic_write(metrics_path, lambda f: f.writelines(json.dumps(h) + "\n" for h in history), "w")
+
+    progress = _Progress(total, cfg.progress and rank == 0)
+    model.train()
+    train_time, train_tokens, loss_val, eval_loss = 0.0, 0, float("nan"), None
+    params = [p for _, p in named]
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        epoch, pos = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        global_idx = perm[pos * G : (pos + 1) * G].tolist()
+        gb = collate([train_data[i] for i in global_idx])  # the global batch, (G, T)
+        n_global = _n_targets(gb["labels"], cfg.task)
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for m in range(cfg.grad_accum):
+            lo = (m * world + rank) * cfg.batch_size
+            batch = {k: v[lo : lo + cfg.batch_size].to(device) for k, v in gb.items()}
+            sync = m == cfg.grad_accum - 1 or world == 1
+            ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with _autocast(device, cfg):
+                    logits = _logits(ddp, batch)
+                loss = loss_sum(logits, batch["labels"], cfg.task) / max(n_global, 1)
+                (loss * world).backward()  # DDP averages over ranks; × world makes that a sum
+            step_loss += loss.detach().double()
+            train_tokens += batch["input_ids"].numel() * world
+        if world > 1:
+            dist.all_reduce(step_loss)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # inf: measure, do not clip
+        loss_val = float(step_loss)
+        if not (math.isfinite(loss_val) and math.isfinite(float(grad_norm))):
+            where = f"{ckpt_path} (step {last_good})" if last_good else "none was written"
+            raise TrainingDiverged(
+                f"loss became {loss_val} (grad norm {float(grad_norm)}) at step {step + 1}; "
+                f"stopped before updating the weights. Last good checkpoint: {where}"
+            )
+        lr_now = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_time += time.perf_counter() - t0
+        tok_s = train_tokens / max(train_time, 1e-9)
+        done = step + 1
+        record = {
+            "step": done,
+            "epoch": epoch,
+            "loss": loss_val,
+            "lr": lr_now,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tok_s,
+        }
+        if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+            eval_loss = evaluate(model, eval_data, cfg)
+            record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50.0)))
+        if done % cfg.log_every == 0 or done == total or "eval_loss" in record:
+            history.append(record)
+            if metrics_path is not None:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        progress.update(done, loss_val, lr_now, tok_s)
+        if cfg.on_step is not None and rank == 0:
+            cfg.on_step(done, record)
+        if ckpt_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt_path, done, named, optimizer, scheduler, cfg, world, history, rank)
+            last_good = done
+
+    if eval_data is not None:
+        eval_loss = evaluate(model, eval_data, cfg)
+        final = {"step": total, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))}
+        history.append(final)
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(final) + "\n")
+    if writer:
+        plot_loss_curve(history, out_dir / "loss_curve.png")
+    return TrainResult(
+        steps=total,
+        train_loss=loss_val,
+        eval_loss=eval_loss,
+        tokens_per_s=train_tokens / max(train_time, 1e-9),
+        train_tokens=train_tokens,
+        history=history,
+        checkpoint=ckpt_path if last_good else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _save_checkpoint(
+    path: Path,
+    step: int,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: Any,
+    scheduler: Any,
+    cfg: TrainConfig,
+    world: int,
+    history: list,
+    rank: int,
+) -> None:
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    rngs = [rng]
+    if world > 1:  # every rank's RNG (dropout masks differ per rank), gathered for rank 0 to write
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        state = {
+            "step": step,
+            "trainable": {n: p.detach().cpu().clone() for n, p in named},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rngs,
+            "config": cfg.fingerprint(),
+            "world_size": world,
+            "history": json.dumps(history),
+        }
+        _atomic_write(path, lambda f: torch.save(state, f))
+    if world > 1:
+        dist.barrier()
+
+
+def _load_checkpoint(
+    path: Path,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: Any,
+    scheduler: Any,
+    cfg: TrainConfig,
+    world: int,
+    rank: int,
+) -> tuple[int, list]:
+    state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
+    if state["config"] != cfg.fingerprint() or state["world_size"] != world:
+        diff = sorted(k for k in state["config"] if state["config"][k] != cfg.fingerprint().get(k))
+        raise ValueError(
+            f"{path} was written by a run with different settings ({diff or 'world_size'}); "
+            "resume with the same settings or start a new output directory"
+        )
+    names = [n for n, _ in named]
+    if sorted(state["trainable"]) != sorted(names):
+        raise ValueError(
+            f"{path} holds other trainable parameters than this model "
+            f"(e.g. {sorted(set(state['trainable']) ^ set(names))[:3]})"
+        )
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(state["trainable"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate((3, tuple(rng["python"]), None))
+    return int(state["step"]), json.loads(state["history"])

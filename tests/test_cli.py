@@ -1,0 +1,184 @@
+"""The ``lora-core`` command line, run as real subprocesses on the tiny built-in model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_core as lc
+from lora_core.testing import assert_close
+
+SCRIPT = Path(sys.executable).parent / "lora-core"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_CORE_DEBUG": ""}
+TEXT = "".join(f"{i} green bottles hanging on the wall, and {i % 7} fell.\n" for i in range(120))
+FAST = [
+    "--model",
+    "tiny",
+    "--quantize",
+    "none",
+    "--seq-len",
+    "32",
+    "--steps",
+    "4",
+    "--lr",
+    "3e-3",
+    "--sample-tokens",
+    "8",
+    "--no-progress",
+]
+
+pytestmark = pytest.mark.skipif(not SCRIPT.exists(), reason="lora-core console script not installed")
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real fine-tuning run of the tiny model, shared by the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "data.txt").write_text(TEXT)
+    result = cli("finetune", *FAST, "--data", str(root / "data.txt"), "--output-dir", str(root / "run"))
+    assert result.returncode == 0, result.stderr
+    assert "held-out loss before" in result.stderr and "held-out loss after" in result.stderr
+    return root
+
+
+def test_finetune_writes_adapter_metrics_and_curve(run: Path) -> None:
+    out = run / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "eval_loss_before",
+        "eval_loss_after",
+        "train_tokens_per_s",
+        "peak_memory_mb",
+        "trainable_params",
+        "total_params",
+        "device",
+    ):
+        assert key in metrics, key
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["steps"] == 4 and metrics["device"].startswith("cpu")
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["base_model_name_or_path"]) == ("LORA", 16, "tiny")
+    adapted = lc.load_adapter(lc.TinyCausalLM(), out / "adapter")  # the adapter fits the tiny base
+    assert (
+        sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) == metrics["trainable_params"]
+    )
+
+
+def test_merge_gives_a_plain_model_with_the_adapted_outputs(run: Path) -> None:
+    result = cli("merge", str(run / "run" / "adapter"), "--out", str(run / "merged"))
+    assert result.returncode == 0, result.stderr
+    merged = lc.models.tiny.load_tiny(run / "merged")
+    adapted = lc.load_adapter(lc.TinyCausalLM(), run / "run" / "adapter").eval()
+    ids = torch.tensor([lc.CharTokenizer().encode("3 green bottles")])
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert_close(merged(ids).logits, adapted(ids).logits)
+
+
+def test_merge_refuses_an_adapter_made_for_another_model(run: Path) -> None:
+    other = lc.TinyCausalLM(lc.TinyConfig(hidden_size=16, intermediate_size=24))
+    (run / "other").mkdir()
+    other.save_pretrained(run / "other")
+    result = cli(
+        "merge", str(run / "run" / "adapter"), "--model", str(run / "other"), "--out", str(run / "bad")
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("lora-core: error:") and result.stderr.count("\n") == 1, result.stderr
+    assert not (run / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing_data", "file not found"),
+        ("missing_model", "not found"),
+        ("empty_data", "empty dataset"),
+        ("seq_len_too_long", "longer than the model's context of 128"),
+        ("output_dir_taken", "is not empty"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, case: str, message: str) -> None:
+    data = tmp_path / "data.txt"
+    data.write_text("" if case == "empty_data" else TEXT)
+    out = tmp_path / "out"
+    args = ["finetune", *FAST, "--data", str(data), "--output-dir", str(out)]
+    if case == "missing_data":
+        args[args.index(str(data))] = str(tmp_path / "nope.txt")
+    elif case == "missing_model":
+        args[args.index("tiny")] = str(tmp_path / "no-such-model")
+    elif case == "seq_len_too_long":
+        args[args.index("32")] = "256"
+    elif case == "output_dir_taken":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("lora-core: error:") and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    if case == "output_dir_taken":
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli("finetune", "--help")  # one real subprocess; the rest in-process (each costs a torch import)
+    assert result.returncode == 0 and "--quantize" in result.stdout and "--resume" in result.stdout
+    from lora_core.cli import main
+
+    for argv, word in (
+        (["merge", "--help"], "--out"),
+        (["quantize", "--help"], "--block-size"),
+        (["--help"], "bench"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0 and word in capsys.readouterr().out, argv
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU `bench` would run the real benchmark")
+@pytest.mark.parametrize("suite", [[], ["kernels"], ["layer"]])
+def test_bench_without_a_gpu_says_so_and_exits_2(suite: list[str]) -> None:
+    result = cli("bench", *suite)
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_rejects_an_unknown_suite() -> None:
+    result = cli("bench", "warp-speed")
+    assert result.returncode == 2
+    expected = "lora-core: error: unknown benchmark 'warp-speed'; choose from ['e2e', 'kernels', 'layer']"
+    assert result.stderr.strip() == expected
+
+
+def test_quantize_writes_bitsandbytes_nf4_and_copies_the_rest(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lora_core.checkpoint import load_bnb_checkpoint
+    from lora_core.nf4 import dequantize_nf4, quantize_nf4
+
+    gen = torch.Generator().manual_seed(0)
+    src = {"q_proj.weight": torch.randn(64, 96, generator=gen), "q_proj.bias": torch.randn(64, generator=gen),
+           "embed_tokens.weight": torch.randn(10, 8, generator=gen)}  # fmt: skip
+    save_file(src, str(tmp_path / "in.safetensors"))
+    result = cli("quantize", str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"))
+    assert result.returncode == 0, result.stderr
+    loaded = load_bnb_checkpoint(tmp_path / "out.safetensors")
+    expected = dequantize_nf4(quantize_nf4(src["q_proj.weight"], block_size=64, double_quant=True))
+    assert torch.equal(dequantize_nf4(loaded["q_proj.weight"]), expected)
+    assert torch.equal(loaded["q_proj.bias"], src["q_proj.bias"])
+    assert torch.equal(loaded["embed_tokens.weight"], src["embed_tokens.weight"])  # embeddings stay dense
+    missing = cli("quantize", str(tmp_path / "nope.safetensors"), str(tmp_path / "o2.safetensors"))
+    assert missing.returncode == 2 and "input file not found" in missing.stderr
+    assert not (tmp_path / "o2.safetensors").exists()

@@ -1,0 +1,217 @@
+"""The training loop on the tiny built-in model: it learns, trains only what requires grad, and its
+schedule, grouping, accumulation, checkpointing and divergence handling do what the config says."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lora_core as lc
+from lora_core.data import PackedDataset, load_dataset
+from lora_core.testing import assert_close
+from lora_core.train import CHECKPOINT_NAME, lr_factor, param_groups
+
+TEXT = "".join(
+    f"The {w} sat on the mat; the mat was {c}.\n"
+    for w, c in zip(["cat", "dog", "hen"] * 30, ["red", "blue"] * 45)
+)
+
+
+@pytest.fixture
+def text_data(tmp_path: Path) -> tuple[PackedDataset, PackedDataset]:
+    (tmp_path / "t.txt").write_text(TEXT)
+    train, held_out = load_dataset(tmp_path / "t.txt", lc.CharTokenizer(), block_size=32, eval_fraction=0.1)
+    return train, held_out
+
+
+def quick(**kw: object) -> lc.TrainConfig:
+    return lc.TrainConfig(**{"lr": 3e-3, "batch_size": 4, "max_steps": 6, "progress": False, **kw})
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_tiny_model_learns_and_writes_metrics_and_curve(text_data, tmp_path: Path) -> None:
+    train, held_out = text_data
+    model = lc.TinyCausalLM()
+    before = lc.evaluate(model, held_out)
+    assert abs(before - math.log(model.config.vocab_size)) < 0.1  # random init ≈ uniform over the vocabulary
+    result = lc.train(model, train, held_out, quick(max_steps=25, eval_every=10, output_dir=tmp_path / "run"))
+    assert result.eval_loss < before - 1.0
+    assert result.eval_loss == pytest.approx(lc.evaluate(model, held_out))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == list(range(1, 26))
+    assert [x["step"] for x in lines if "eval_loss" in x] == [10, 20, 25]
+    assert all(x["tokens_per_s"] > 0 for x in lines if "loss" in x)
+    assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_parameters_that_require_grad_change(text_data) -> None:
+    model = lc.TinyCausalLM()
+    for name, p in model.named_parameters():
+        p.requires_grad_("q_proj" in name or "lm_head" in name)
+    before = snapshot(model)
+    lc.train(model, text_data[0], config=quick(max_steps=2))
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == p.requires_grad, name
+
+
+def test_grad_accumulation_equals_a_bigger_batch(text_data) -> None:
+    torch.set_num_threads(1)  # keep summation order stable between the two runs
+    a, b = lc.TinyCausalLM(), lc.TinyCausalLM()
+    lc.train(a, text_data[0], config=quick(batch_size=4, grad_accum=1, max_steps=3))
+    lc.train(b, text_data[0], config=quick(batch_size=2, grad_accum=2, max_steps=3))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert_close(pa.detach(), pb.detach())
+
+
+def test_gradient_checkpointing_gives_the_same_result(text_data) -> None:
+    a, b = lc.TinyCausalLM(), lc.TinyCausalLM()
+    lc.train(a, text_data[0], config=quick(max_steps=2))
+    lc.train(b, text_data[0], config=quick(max_steps=2, gradient_checkpointing=True))
+    assert b.model.gradient_checkpointing
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert_close(pa.detach(), pb.detach())
+
+
+def test_warmup_then_cosine_linear_constant() -> None:
+    # warm-up of 4 steps reaches the full lr on its 4th step; 10 steps in all, 6 of decay.
+    assert [lr_factor(s, 10, 4, "constant", 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 10, 4, "cosine", 0.0) == 1.0
+    assert lr_factor(7, 10, 4, "cosine", 0.0) == pytest.approx(0.5)  # halfway through the decay: cos(π/2)
+    assert lr_factor(7, 10, 4, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(10, 10, 4, "cosine", 0.1) == pytest.approx(0.1)  # ends at min_lr_ratio
+    assert lr_factor(9, 10, 4, "constant", 0.0) == 1.0
+
+
+def test_loraplus_and_per_layer_lr_groups() -> None:
+    class WithAdapters(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer0 = nn.ModuleDict({"lora_A": nn.Linear(4, 2, bias=False), "lora_B": nn.Linear(2, 4)})
+            self.layer1 = nn.ModuleDict({"lora_A": nn.Linear(4, 2, bias=False), "lora_B": nn.Linear(2, 4)})
+
+    model = WithAdapters()
+    cfg = quick(lr=1e-3, weight_decay=0.1, loraplus_lr_ratio=16.0, lr_groups={r"^layer0\.": 0.5})
+    lr_of = {}
+    for group in param_groups(model, cfg):
+        for p in group["params"]:
+            lr_of[next(n for n, q in model.named_parameters() if q is p)] = (
+                group["lr"],
+                group["weight_decay"],
+            )
+    assert lr_of["layer0.lora_A.weight"] == (5e-4, 0.1)
+    assert lr_of["layer0.lora_B.weight"] == (pytest.approx(8e-3), 0.1)  # 1e-3 × 0.5 × 16
+    assert lr_of["layer0.lora_B.bias"] == (pytest.approx(8e-3), 0.0)  # no decay on 1-D parameters
+    assert lr_of["layer1.lora_A.weight"] == (1e-3, 0.1)
+    assert lr_of["layer1.lora_B.weight"] == (pytest.approx(1.6e-2), 0.1)
+
+
+def test_sequence_classification(tmp_path: Path) -> None:
+    tok = lc.CharTokenizer()
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (64,), generator=gen)
+    ids = torch.stack([torch.tensor(tok.encode(("yes " if y else "no! ") * 3)) for y in labels.tolist()])
+
+    class ClsData(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(labels)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": ids[i], "labels": labels[i]}
+
+    model = lc.TinyForSequenceClassification()
+    cfg = quick(task="SEQ_CLS", lr=1e-2, batch_size=8, max_steps=15)
+    before = lc.evaluate(model, ClsData(), cfg)
+    result = lc.train(model, ClsData(), ClsData(), cfg)
+    assert result.eval_loss < 0.2 < before
+    with torch.no_grad():
+        predicted = model(ids).logits.argmax(-1)
+    assert (predicted == labels).float().mean() == 1.0
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_data, tmp_path: Path) -> None:
+    model = lc.TinyCausalLM()
+    poison = {"on": False}
+    model.lm_head.register_forward_hook(lambda m, i, out: out * float("nan") if poison["on"] else None)
+    seen = {}
+
+    def on_step(step: int, metrics: dict) -> None:
+        seen[step] = snapshot(model)
+        poison["on"] = step == 3
+
+    cfg = quick(output_dir=tmp_path / "run", checkpoint_every=2, on_step=on_step)
+    with pytest.raises(lc.TrainingDiverged, match=r"loss became nan .* at step 4.*checkpoint.pt \(step 2\)"):
+        lc.train(model, text_data[0], config=cfg)
+    for name, p in model.named_parameters():  # the bad step never touched the weights
+        assert torch.equal(p, seen[3][name]), name
+    state = torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)
+    assert state["step"] == 2
+    assert torch.equal(state["trainable"]["lm_head.weight"], seen[2]["lm_head.weight"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [CHECKPOINT_NAME, "metrics.jsonl"]
+
+
+def test_resume_in_process_matches_an_uninterrupted_run(text_data, tmp_path: Path) -> None:
+    cfg_model = lc.TinyConfig(dropout=0.2)  # dropout: resuming must restore the RNG too
+    full = lc.TinyCausalLM(cfg_model)
+    lc.train(full, text_data[0], config=quick(seed=1))
+
+    part = lc.TinyCausalLM(cfg_model)
+
+    def stop_at_4(step: int, metrics: dict) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lc.train(
+            part,
+            text_data[0],
+            config=quick(seed=1, output_dir=tmp_path, checkpoint_every=3, on_step=stop_at_4),
+        )
+    resumed = lc.TinyCausalLM(cfg_model)  # a fresh process would rebuild the model from scratch
+    lc.train(
+        resumed, text_data[0], config=quick(seed=1, output_dir=tmp_path, checkpoint_every=3, resume=True)
+    )
+    for (name, pf), pr in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(pf, pr), name
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 4 was dropped, then logged again
+    with pytest.raises(ValueError, match=r"different settings \(\['lr'\]\)"):
+        lc.train(
+            lc.TinyCausalLM(cfg_model),
+            text_data[0],
+            config=quick(lr=1e-3, seed=1, output_dir=tmp_path, resume=True),
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"schedule": "step"}, "schedule"),
+        ({"task": "TOKEN_CLS"}, "task"),
+        ({"lr_groups": {"(": 1.0}}, "lr_groups"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        lc.TrainConfig(**kwargs)
+
+
+def test_too_little_data_or_nothing_to_train(text_data) -> None:
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        lc.train(lc.TinyCausalLM(), text_data[1].subset(slice(0, 2)), config=quick(batch_size=4))
+    frozen = lc.TinyCausalLM().requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        lc.train(frozen, text_data[0], config=quick())

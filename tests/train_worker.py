@@ -1,0 +1,80 @@
+"""A real training process for the resume and DDP tests (run as a script, alone or under torchrun).
+
+Trains the tiny model (with LoRA adapters when lora_core has them, else all its weights) on a fixed text
+and writes the trained parameters to ``OUT/final.safetensors`` (rank 0). ``--sleep`` slows each step so a
+test can kill the process mid-run; ``--print-steps`` prints ``step N`` after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import lora_core as lc
+from lora_core.data import load_dataset
+
+TEXT = "".join(f"{i} little pigs went to market, and {i * 7 % 13} came home.\n" for i in range(200))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--checkpoint-every", type=int, default=None)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--print-steps", action="store_true")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data.txt").write_text(TEXT)
+    train_set, _ = load_dataset(out / "data.txt", lc.CharTokenizer(), block_size=32)
+    torch.manual_seed(0)
+    model = lc.TinyCausalLM(lc.TinyConfig(dropout=args.dropout), seed=0)
+    if hasattr(lc, "apply_lora"):
+        model = lc.apply_lora(
+            model, lc.LoraConfig(r=4, alpha=8, dropout=args.dropout, target_modules="all-linear")
+        )
+
+    def on_step(step: int, metrics: dict) -> None:
+        if args.print_steps:
+            print(f"step {step}", flush=True)
+        time.sleep(args.sleep)
+
+    cfg = lc.TrainConfig(
+        output_dir=out / "run",
+        lr=3e-3,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.steps,
+        warmup_steps=2,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=False,
+        on_step=on_step,
+    )
+    lc.train(model, train_set, None, cfg)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(
+            state, str(out / f"final{'' if not torch.distributed.is_initialized() else '-rank0'}.safetensors")
+        )
+    if torch.distributed.is_initialized():  # every rank writes its copy: the test checks they agree
+        rank = torch.distributed.get_rank()
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(state, str(out / f"final-rank{rank}.safetensors"))
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
