@@ -15,6 +15,7 @@ from lora_core.config import LoraConfig
 from lora_core.data import PackedDataset, load_dataset
 from lora_core.fused import fused_dora_linear, fused_lora_linear, fused_mode
 from lora_core.layers import LoRALinear
+from lora_core.losses import causal_lm_hidden_and_head, causal_lm_loss, chunked_causal_lm_loss
 from lora_core.model import (
     TrainableReport,
     apply_lora,
@@ -70,4 +71,8 @@ __all__: list[str] = [
     "TinyCausalLM",
     "TinyConfig",
     "TinyForSequenceClassification",
+    # chunked causal-LM loss (issue 10): no (tokens × vocab) fp32 logits
+    "causal_lm_hidden_and_head",
+    "causal_lm_loss",
+    "chunked_causal_lm_loss",
 ]

@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lora_core.config import TASK_MODULES_TO_SAVE, LoraConfig
@@ -186,11 +187,15 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | None = None) -> nn.Module:
     """Replace the target layers of ``model`` by ``LoRALinear`` (in place) and freeze everything else.
 
     Trainable afterwards: the adapters (and DoRA magnitudes), the biases ``cfg.bias`` asks for, and
     ``modules_to_save``. With ``cfg.quantize == "nf4"`` the layers are ``lora_core.qlora.QLoRALinear``.
+
+    ``device``: move each target layer there just before wrapping it, then the rest of the model. For QLoRA
+    on a model loaded on the CPU this quantizes on the GPU one layer at a time, so the GPU never holds more
+    than the 4-bit model plus one dense weight (as bitsandbytes' quantize-on-load does).
 
     Returns:
         ``model`` (or the new layer when ``model`` itself is the only target).
@@ -215,6 +220,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         extra = {"quant_block_size": cfg.quant_block_size, "double_quant": cfg.double_quant}
 
     # Validate everything before touching the model.
+    if device is not None:
+        device = torch.device(device)  # a bad name fails here, not halfway through the surgery
     paths = find_targets(model, cfg)
     to_save = find_modules_to_save(model, cfg)
     modules = dict(model.named_modules())
@@ -230,6 +237,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     model.requires_grad_(False)
     new_root: nn.Module | None = None
     for path, r, alpha in plan:
+        if device is not None:
+            modules[path].to(device)  # this layer's dense weight only; QLoRA quantizes it right there
         layer = cls.from_linear(
             modules[path], r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
             use_dora=cfg.use_dora, init=cfg.init, fan_in_fan_out=cfg.fan_in_fan_out, **extra,
@@ -239,6 +248,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         else:
             new_root = layer
     root = new_root if new_root is not None else model
+    if device is not None:
+        root.to(device)  # the rest (embeddings, norms, head); NF4 weights keep their dtypes
     for _, layer in lora_layers(root):
         for name, p in layer.named_parameters():
             if name.startswith("lora_"):

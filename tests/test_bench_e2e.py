@@ -1,0 +1,152 @@
+"""bench_e2e: the CPU smoke run as a real subprocess (JSON fields, PNG), the refusal without CUDA, the
+target bookkeeping on hand-made rows, and ``apply_lora(device=...)`` (case a's layer-by-layer quantize)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_core import bench_e2e
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_e2e.py"
+
+
+def test_cpu_tiny_smoke_run_writes_json_and_png(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    data = json.loads((tmp_path / "bench_e2e_tiny.json").read_text())
+    meta, rows = data["meta"], data["results"]
+    assert meta["case"] == "tiny" and meta["device"].startswith("CPU")
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "lora-core"):
+        assert pkg in meta["versions"]
+    assert meta["model"]["hidden_size"] == 64 and meta["r"] == 16 and meta["alpha"] == 32.0
+    assert meta["target_modules"] == bench_e2e.TARGET_MODULES
+    by = {r["case"]: r for r in rows}
+    assert list(by) == ["a", "b", "c", "d"]
+    # lora_core's cases and PEFT's bf16 LoRA must run on the CPU; bitsandbytes' only where it can
+    must_run = ["a", "c", "d"] + (["b"] if _bnb_cpu() else [])
+    assert set(must_run) <= set(meta["ran"]), (meta["skipped"], proc.stderr[-2000:])
+    assert proc.returncode == (0 if len(meta["ran"]) == 4 else 1), proc.stderr[-2000:]
+    for key in meta["ran"]:
+        r = by[key]
+        assert r["tokens_per_s"] > 0 and len(r["step_ms"]) == 1 and r["peak_gib"] is None
+        assert math.isfinite(r["loss_first"]) and abs(r["loss_first"] - math.log(512)) < 1.0
+        assert r["trainable_params"] == by["a"]["trainable_params"]  # same adapters in every case
+    # same random model: PEFT and lora_core see the same base (a vs b: same NF4 weights)
+    assert meta["loss_agreement"]["c_vs_d"] < 2e-2
+    if "b" in meta["ran"]:
+        assert meta["loss_agreement"]["a_vs_b"] < 2e-2
+        assert by["b"]["dtypes"]["lm_head"] == "float32"  # prepare_model_for_kbit_training's upcast
+    assert by["a"]["dtypes"]["lm_head"] == "bfloat16"
+    assert meta["targets"] == []  # no targets for the smoke run
+    assert (tmp_path / "bench_e2e_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tokens/s" in proc.stdout and "wrote" in proc.stdout
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind
+
+
+def _bnb_cpu() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.parametrize("argv", [[], ["--case", "7b"], ["--device", "cpu"]])
+def test_refuses_cleanly(argv: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), *argv, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert ("needs a CUDA GPU" in proc.stderr) if argv != ["--device", "cpu"] else ("--tiny" in proc.stderr)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def _row(case: str, tok_s: float, peak: float, loss: float = 10.0) -> dict:
+    return {"case": case, "ran": True, "tokens_per_s": tok_s, "peak_gib": peak, "loss_first": loss}
+
+
+def test_targets_default_case() -> None:
+    ok = bench_e2e.evaluate_targets("default", [_row("a", 53_000, 8.0), _row("b", 40_000, 8.76)])
+    assert [c["passed"] for c in ok] == [True, True] and ok[0]["value"] == pytest.approx(1.325)
+    slow = bench_e2e.evaluate_targets("default", [_row("a", 50_000, 8.0), _row("b", 40_000, 8.76)])
+    assert [c["passed"] for c in slow] == [False, True]  # 1.25× < 1.3×
+    fat = bench_e2e.evaluate_targets("default", [_row("a", 60_000, 8.9), _row("b", 40_000, 8.76)])
+    assert [c["passed"] for c in fat] == [True, False]
+    missing = bench_e2e.evaluate_targets("default", [_row("a", 60_000, 8.0), {"case": "b", "ran": False}])
+    assert [c["passed"] for c in missing] == [None, None]
+
+
+def test_targets_7b_case_are_strict() -> None:
+    tie = bench_e2e.evaluate_targets("7b", [_row("a", 2650, 5.38), _row("b", 2650, 5.38)])
+    assert [c["passed"] for c in tie] == [False, False]
+    win = bench_e2e.evaluate_targets("7b", [_row("a", 3000, 5.0), _row("b", 2650, 5.38)])
+    assert [c["passed"] for c in win] == [True, True]
+    table = bench_e2e.format_table("7b", [_row("a", 3000, 5.0) | {"label": "x", "step_ms_median": 1.0,
+                                   "load_peak_gib": 1.0, "trainable_params": 3}], win)  # fmt: skip
+    assert "PASS" in table and "3,000" in table
+
+
+def test_loss_agreement_pairs() -> None:
+    rows = [_row("a", 1, 1, 10.0), _row("b", 1, 1, 10.01), _row("c", 1, 1, 9.9), {"case": "d", "ran": False}]
+    agree = bench_e2e.loss_agreement(rows)
+    assert agree["a_vs_b"] == pytest.approx(0.01) and agree["c_vs_d"] is None
+    assert agree["a_vs_c"] == pytest.approx(0.1)
+
+
+def test_apply_lora_device_moves_each_layer_then_the_rest() -> None:
+    """``apply_lora(model, cfg, device=d)`` gives the model a plain ``apply_lora`` + ``.to(d)`` gives, and
+    rejects a bad device before touching the model."""
+    from torch import nn
+
+    from lora_core import LoraConfig, apply_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    twin = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    twin.load_state_dict(model.state_dict())
+    cfg = LoraConfig(r=2, alpha=4, target_modules=["0", "2"], quantize="nf4")
+    with pytest.raises(RuntimeError):
+        apply_lora(model, cfg, device="no-such-device")
+    assert isinstance(model[0], nn.Linear)  # untouched
+    torch.manual_seed(1)
+    apply_lora(model, cfg, device="cpu")
+    torch.manual_seed(1)
+    apply_lora(twin, cfg)
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), twin(x))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, p in twin.named_parameters() if p.requires_grad
+    ]
+
+
+@pytest.mark.gpu
+def test_apply_lora_device_quantizes_without_the_dense_model_on_the_gpu() -> None:
+    """QLoRA from a CPU model: the GPU peak during ``apply_lora(device="cuda")`` stays below the dense bf16
+    model's size (it holds the 4-bit weights plus one dense layer)."""
+    from torch import nn
+
+    from lora_core import LoraConfig, apply_lora
+
+    # 64 small layers: quantize_nf4's transient (≈ 20 bytes/element) for one layer stays well below the model
+    model = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(64)]).to(torch.bfloat16)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    apply_lora(model, LoraConfig(r=8, alpha=16, target_modules=r"\d+", quantize="nf4"), device="cuda")
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 0.6 * dense_bytes, (peak, dense_bytes)
+    assert model(torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)).is_cuda
