@@ -237,6 +237,7 @@ def finetune(args: argparse.Namespace) -> int:
     import lora_core as lc
     from lora_core import pretrained
     from lora_core.data import load_dataset
+    from lora_core.train import plot_loss_curve
 
     _check_positive(args, "steps", "batch_size", "grad_accum", "seq_len", "lr", "r", "alpha", "eval_blocks")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -326,6 +327,9 @@ def finetune(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         atomic_write_dir(out_dir / "adapter", lambda tmp: lc.save_adapter(model, tmp))
+        # lc.train drew the curve without the evaluation made before it started: redraw with it at step 0,
+        # so the held-out drop is visible.
+        plot_loss_curve([{"step": 0, "eval_loss": eval_before}, *result.history], out_dir / "loss_curve.png")
         trainable = lc.trainable_parameters(model).trainable
         metrics = {
             "model": base_name,
