@@ -45,7 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_core.bench import _atomic_write, _versions, write_json
+from lora_core._io import atomic_write, atomic_write_text
+from lora_core.bench import _versions, write_json
 
 MODELS: dict[str, dict[str, Any]] = {
     "default": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 12,
@@ -220,7 +221,7 @@ def _profile_steps(step: Callable[[int], Any], cuda: bool, path: Path) -> dict[s
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
     table = events.table(sort_by=sort, row_limit=30, max_name_column_width=60)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(table + "\n"))
+    atomic_write_text(path, table + "\n")
     kernel_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 2 if cuda else None
     return {"wall_ms_per_step": 1e3 * wall, "device_kernel_ms_per_step": None if kernel_us is None
             else kernel_us / 1e3, "table": path.name}  # fmt: skip
@@ -368,7 +369,7 @@ def plot(path: Path, case: str, rows: Sequence[dict[str, Any]], meta: dict[str, 
     fig.suptitle(f"{case}: " + ", ".join(f"{r['case']} = {r['label']}" for r in ran) + f"\n{meta['device']}",
                  fontsize=7)  # fmt: skip
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return True
 
