@@ -150,7 +150,9 @@ def _run(command: Any, args: Any) -> int:
     except (CliError, FileNotFoundError, ValueError, TypeError) as e:
         if os.environ.get("LORA_CORE_DEBUG"):
             raise
-        print(f"lora-core: error: {e}", file=sys.stderr)
+        # One line, even when a library's message runs over several (transformers' often do).
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        print(f"lora-core: error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lora-core: interrupted (resume with --resume)", file=sys.stderr)
@@ -181,17 +183,32 @@ def load_model(name: str | None, device: Any) -> tuple[Any, Any, str]:
         folder, base = Path(name), str(Path(name).resolve())
         if not folder.exists():
             raise CliError(f"model not found: {name} (a transformers folder, a .gguf file, or '{TINY}')")
-        if folder.is_dir() and not (folder / "config.json").is_file():
-            raise CliError(f"{name} is not a model folder: it has no config.json")
-        if (
-            folder.is_dir()
-            and json.loads((folder / "config.json").read_text()).get("model_type") == "lora_core_tiny"
-        ):
-            from lora_core.models.tiny import CharTokenizer, load_tiny
+        if folder.is_file() and folder.suffix != ".gguf":
+            raise CliError(f"{name} is neither a model folder nor a .gguf file")
+        if folder.is_dir():
+            config = _read_json(folder / "config.json", f"{name} is not a model folder")
+            if config.get("model_type") == "lora_core_tiny":
+                from lora_core.models.tiny import CharTokenizer, load_tiny
 
-            return load_tiny(folder).to(device), CharTokenizer(), base
-    model, tokenizer = pretrained.load_hf_causal_lm(folder)
+                return load_tiny(folder).to(device), CharTokenizer(), base
+    try:
+        model, tokenizer = pretrained.load_hf_causal_lm(folder)
+    except OSError as e:  # transformers: no weights, an unreadable config or tokenizer, a bad GGUF file
+        raise CliError(f"cannot load the model in {folder}: {e}") from None
     return model.to(device), tokenizer, base
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing or malformed file is bad input (``what`` says whose)."""
+    if not path.is_file():
+        raise CliError(f"{what}: it has no {path.name}")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CliError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CliError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _context_length(model: Any) -> int | None:
@@ -374,12 +391,10 @@ def merge(args: argparse.Namespace) -> int:
     import lora_core as lc
 
     adapter, out = Path(args.adapter), Path(args.out)
-    config_path = adapter / "adapter_config.json"
-    if not config_path.is_file():
-        raise CliError(f"not an adapter directory (no adapter_config.json): {adapter}")
+    config = _read_json(adapter / "adapter_config.json", f"{adapter} is not an adapter directory")
     if out.exists():
         raise CliError(f"--out {out} already exists; pick a new directory")
-    base = args.model or json.loads(config_path.read_text()).get("base_model_name_or_path") or None
+    base = args.model or config.get("base_model_name_or_path") or None
     model, tokenizer, _ = load_model(base, torch.device("cpu"))
     model = lc.load_adapter(model, adapter)  # ValueError (exit 2) when it was made for another model
     plain = lc.unload_lora(model, dequantize=True)

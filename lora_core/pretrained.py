@@ -107,6 +107,8 @@ def load_hf_causal_lm(folder: str | Path, dtype: Any = None) -> tuple[Any, Any]:
         path = cache_dir() / path.stem
         if not (path / "config.json").is_file():
             convert_gguf(folder, path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype)
+    # Only when set: transformers ≥ 4.56 warns on ``torch_dtype`` (renamed ``dtype``, which 4.45 ignores).
+    kwargs = {} if dtype is None else {"torch_dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer

@@ -182,3 +182,63 @@ def test_quantize_writes_bitsandbytes_nf4_and_copies_the_rest(tmp_path: Path) ->
     missing = cli("quantize", str(tmp_path / "nope.safetensors"), str(tmp_path / "o2.safetensors"))
     assert missing.returncode == 2 and "input file not found" in missing.stderr
     assert not (tmp_path / "o2.safetensors").exists()
+
+
+def _in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from lora_core.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("model_is_a_text_file", "neither a model folder nor a .gguf file"),
+        ("model_folder_without_weights", "cannot load the model in"),
+        ("model_type_unknown", "does not recognize this architecture"),  # transformers' multi-line message
+        ("merge_missing_adapter", "is not an adapter directory: it has no adapter_config.json"),
+        ("merge_bad_adapter_json", "adapter_config.json is not valid JSON"),
+        ("merge_adapter_without_weights", "has no adapter_model.safetensors"),
+        ("quantize_not_safetensors", "is not a safetensors file"),
+    ],
+)
+def test_bad_files_for_every_command_are_one_line_exit_2(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    message: str,
+) -> None:
+    monkeypatch.delenv("LORA_CORE_DEBUG", raising=False)
+    (tmp_path / "data.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    finetune = ["finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir", str(out)]
+    model = tmp_path / "model"
+    if case == "model_is_a_text_file":
+        argv = [*finetune, "--model", str(tmp_path / "data.txt")]
+    elif case.startswith("model_"):
+        model.mkdir()
+        config = {"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "intermediate_size": 16}  # fmt: skip
+        if case == "model_type_unknown":
+            config["model_type"] = "no-such-architecture"
+        (model / "config.json").write_text(json.dumps(config))
+        argv = [*finetune, "--model", str(model)]
+    elif case.startswith("merge_"):
+        adapter = tmp_path / "adapter"
+        if case != "merge_missing_adapter":
+            adapter.mkdir()
+            good = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                    "base_model_name_or_path": "tiny"}  # fmt: skip
+            text = "{not json" if case == "merge_bad_adapter_json" else json.dumps(good)
+            (adapter / "adapter_config.json").write_text(text)
+        argv = ["merge", str(adapter), "--out", str(out)]
+    else:
+        argv = ["quantize", str(tmp_path / "data.txt"), str(out)]
+    code, err = _in_process(argv, capsys)
+    assert code == 2, err
+    assert err.startswith("lora-core: error:") and message in err, err
+    assert err.count("\n") == 1, err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries
