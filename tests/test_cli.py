@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lora_core as lc
 from lora_core.testing import assert_close
@@ -45,7 +47,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real fine-tuning run of the tiny model, shared by the tests that read its outputs."""
     root = tmp_path_factory.mktemp("cli")
     (root / "data.txt").write_text(TEXT)
-    result = cli("finetune", *FAST, "--data", str(root / "data.txt"), "--output-dir", str(root / "run"))
+    # The last checkpoint (step 3 of 4) is what a run killed during step 4 leaves: the resume test uses it.
+    args = ["--data", str(root / "data.txt"), "--output-dir", str(root / "run"), "--checkpoint-every", "3"]
+    result = cli("finetune", *FAST, *args)
     assert result.returncode == 0, result.stderr
     assert "held-out loss before" in result.stderr and "held-out loss after" in result.stderr
     return root
@@ -73,6 +77,28 @@ def test_finetune_writes_adapter_metrics_and_curve(run: Path) -> None:
     assert (
         sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) == metrics["trainable_params"]
     )
+
+
+def test_resume_from_a_mid_run_checkpoint_ends_with_the_same_adapter(run: Path) -> None:
+    killed = run / "killed"  # what a run killed during step 4 leaves behind: its step-3 checkpoint
+    killed.mkdir()
+    shutil.copy(run / "run" / "checkpoint.pt", killed / "checkpoint.pt")
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 3
+    args = ["--data", str(run / "data.txt"), "--output-dir", str(killed), "--checkpoint-every", "3"]
+    refused = cli("finetune", *FAST, *args)  # without --resume the folder is not touched
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    result = cli("finetune", *FAST, *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    expected = load_file(str(run / "run" / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert sorted(resumed) == sorted(expected)
+    for name, tensor in expected.items():  # LoRA dropout is on: the RNG state must have been restored too
+        assert torch.equal(resumed[name], tensor), name
+    lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]  # steps 1-3 come from the checkpoint
+    full, again = (json.loads((d / "metrics.json").read_text()) for d in (run / "run", killed))
+    assert again["eval_loss_after"] == full["eval_loss_after"]
+    assert again["train_tokens"] * 4 == full["train_tokens"]  # it trained step 4 only: a resume, not a rerun
 
 
 def test_merge_gives_a_plain_model_with_the_adapted_outputs(run: Path) -> None:
