@@ -52,7 +52,7 @@ def test_sigkill_then_resume_gives_the_same_final_weights(tmp_path: Path) -> Non
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     assert not (killed / "final.safetensors").exists()
     assert (killed / "run" / "checkpoint.pt").exists()
-    assert not [p.name for p in (killed / "run").iterdir() if ".tmp-" in p.name]  # no temp file left behind
+    assert not [p.name for p in (killed / "run").iterdir() if p.name.startswith(".")]  # no .NAME.*.tmp
 
     run_worker(killed, "--resume")
     resumed = load_file(str(killed / "final.safetensors"))
