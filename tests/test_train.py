@@ -63,13 +63,32 @@ def test_only_parameters_that_require_grad_change(text_data) -> None:
         assert changed == p.requires_grad, name
 
 
-def test_grad_accumulation_equals_a_bigger_batch(text_data) -> None:
-    torch.set_num_threads(1)  # keep summation order stable between the two runs
-    a, b = lc.TinyCausalLM(), lc.TinyCausalLM()
-    lc.train(a, text_data[0], config=quick(batch_size=4, grad_accum=1, max_steps=3))
-    lc.train(b, text_data[0], config=quick(batch_size=2, grad_accum=2, max_steps=3))
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert_close(pa.detach(), pb.detach())
+def test_grad_accumulation_equals_a_bigger_batch_with_uneven_targets() -> None:
+    """The loss is normalised by the target count of the whole global batch. With ``-100`` labels spread
+    unevenly (prompt/response data) micro-batches hold different counts of targets: a per-micro-batch mean
+    would weight tokens unequally and accumulation would differ from the bigger batch."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = lc.TinyConfig().vocab_size
+    ids = torch.randint(0, vocab, (8, 16), generator=gen)
+    labels = ids.clone()
+    for i in range(8):  # example i learns only its last i + 1 tokens: 1 ... 8 targets
+        labels[i, : 15 - i] = -100
+    data = PackedDataset(ids, labels)  # 8 examples = one global batch: each step sees all of them
+    fresh = lc.TinyCausalLM()
+    with torch.no_grad():
+        logits = fresh(ids).logits  # (8, 16, V)
+    expected = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert lc.evaluate(fresh, data) == pytest.approx(float(expected), rel=1e-5)
+    runs = {}
+    for batch_size, grad_accum in ((8, 1), (2, 4), (1, 8)):
+        model = lc.TinyCausalLM()
+        cfg = quick(batch_size=batch_size, grad_accum=grad_accum, max_steps=2)
+        result = lc.train(model, data, config=cfg)
+        assert result.history[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+        runs[batch_size] = model
+    for b in (2, 1):
+        for pa, pb in zip(runs[8].parameters(), runs[b].parameters()):
+            assert_close(pa.detach(), pb.detach())
 
 
 def test_gradient_checkpointing_gives_the_same_result(text_data) -> None:
