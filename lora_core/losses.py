@@ -221,6 +221,15 @@ def causal_lm_hidden_and_head(
         ValueError: the config scales or soft-caps the logits (``final_logit_softcapping``,
             ``logit_scale``), which ``chunked_causal_lm_loss`` does not apply.
     """
+    decoder, head = decoder_and_head(model)
+    out = decoder(input_ids=input_ids, use_cache=False, **model_kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+    return hidden, head.weight, head.bias
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The decoder and plain ``nn.Linear`` output head of a transformers causal LM, or the error that says
+    why ``causal_lm_hidden_and_head`` cannot use this model (see there)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     get_decoder = getattr(base, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else getattr(base, "model", None)
@@ -237,9 +246,7 @@ def causal_lm_hidden_and_head(
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, attr, None) not in (None, 1.0):
             raise ValueError(f"config.{attr}={getattr(config, attr)!r} is not supported by the chunked loss")
-    out = decoder(input_ids=input_ids, use_cache=False, **model_kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
-    return hidden, head.weight, head.bias
+    return decoder, head
 
 
 def causal_lm_loss(

@@ -19,6 +19,11 @@ same global batch, and grad accumulation equals a bigger batch (up to float summ
 scheduler, step and RNG states; they are written atomically (temp file, fsync, rename). Resuming restores
 all of it, so a run killed at any point and resumed ends with the same weights as an uninterrupted run.
 
+**The causal-LM loss** of a transformers model with a plain ``nn.Linear`` head is computed chunk by chunk
+from the final hidden states (``lora_core.losses``): the same sum, without the (tokens × vocab) fp32 logits
+that dominate peak memory for large vocabularies. Other models (the tiny model, custom heads) go through
+``model(input_ids).logits``.
+
 **Learning rate**: linear warm-up to ``lr`` over ``warmup_steps``, then cosine / linear decay to
 ``min_lr_ratio × lr``, or constant. LoRA+ (Hayou et al. 2024) trains ``B`` with ``lr × loraplus_lr_ratio``.
 """
@@ -46,6 +51,7 @@ from torch.utils.data import Dataset
 
 from lora_core._io import atomic_write, atomic_write_text
 from lora_core.data import IGNORE_INDEX, collate
+from lora_core.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
 
 TASKS = ("CAUSAL_LM", "SEQ_CLS")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -92,6 +98,9 @@ class TrainConfig:
         loraplus_lr_ratio: LoRA+ — parameters named ``lora_B`` get ``lr × ratio`` (the paper suggests 16).
         lr_groups: per-layer learning rates, ``{regex: multiplier}`` matched with ``re.search`` against
             parameter names, first match wins (e.g. ``{r"layers\\.(0|1)\\.": 0.1}``).
+        chunked_loss: for a transformers causal LM with a plain ``nn.Linear`` head, compute the loss from
+            the hidden states chunk by chunk (same value and gradients up to float rounding, far less
+            memory); False always materialises the logits.
         eval_every, checkpoint_every: every N optimizer steps (None: only at the end / never).
         seed: data order and dropout. resume: continue from ``output_dir/checkpoint.pt`` if it exists.
         log_every: a metrics line every N steps. progress: draw the progress bar on stderr.
@@ -116,6 +125,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     loraplus_lr_ratio: float | None = None
     lr_groups: dict[str, float] = field(default_factory=dict)
+    chunked_loss: bool = True
     eval_every: int | None = None
     eval_batch_size: int | None = None
     checkpoint_every: int | None = None
@@ -213,6 +223,38 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Ten
     return F.cross_entropy(logits.float(), labels, reduction="sum")  # (B, n_labels) vs (B,)
 
 
+def _chunked_loss_applies(model: nn.Module, cfg: TrainConfig) -> bool:
+    """Whether ``losses.chunked_causal_lm_loss`` computes exactly this model's causal-LM loss."""
+    if not cfg.chunked_loss or cfg.task != "CAUSAL_LM":
+        return False
+    transformers = sys.modules.get("transformers")  # a transformers model means transformers is imported
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if transformers is None or not isinstance(base, transformers.PreTrainedModel):
+        return False
+    try:
+        decoder_and_head(model)
+    except (TypeError, ValueError):  # an adapted or missing head, soft-capped logits: use the logits
+        return False
+    return True
+
+
+class _LossSum(nn.Module):
+    """``model`` and its summed loss as one module, so that DDP wraps the forward that makes the loss."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model, self.task, self.chunked = model, cfg.task, _chunked_loss_applies(model, cfg)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.chunked:
+            return loss_sum(_logits(self.model, batch), batch["labels"], self.task)
+        kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+        hidden, weight, bias = causal_lm_hidden_and_head(self.model, batch["input_ids"], **kwargs)
+        return chunked_causal_lm_loss(
+            hidden.to(weight.dtype), weight, batch["labels"], lm_head_bias=bias, reduction="sum"
+        )
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier on the base lr for optimizer step ``step`` (0-based): warm-up, then the schedule."""
     if step < warmup:
@@ -297,13 +339,13 @@ def evaluate(model: nn.Module, data: Dataset, config: TrainConfig | None = None)
     was_training = model.training
     model.eval()
     bs = cfg.eval_batch_size or cfg.batch_size
+    loss_of = _LossSum(model, cfg)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, count)
     idx = list(range(rank, len(data), world))
     for i in range(0, len(idx), bs):
         batch = {k: v.to(device) for k, v in collate([data[j] for j in idx[i : i + bs]]).items()}
         with _autocast(device, cfg):
-            logits = _logits(model, batch)
-        total[0] += loss_sum(logits, batch["labels"], cfg.task).double()
+            total[0] += loss_of(batch).double()
         total[1] += _n_targets(batch["labels"], cfg.task)
     if world > 1:
         dist.all_reduce(total)
@@ -360,7 +402,9 @@ def train(
     if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
         start, history = _load_checkpoint(ckpt_path, named, optimizer, scheduler, cfg, world, rank)
     last_good = start if start > 0 else None
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    loss_of: nn.Module = _LossSum(model, cfg)
+    if world > 1:
+        loss_of = nn.parallel.DistributedDataParallel(loss_of)
     metrics_path = out_dir / "metrics.jsonl" if writer else None
     if metrics_path is not None:  # drop lines from beyond the checkpoint (a killed run logged them)
         atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
@@ -381,11 +425,10 @@ def train(
             lo = (m * world + rank) * cfg.batch_size
             batch = {k: v[lo : lo + cfg.batch_size].to(device) for k, v in gb.items()}
             sync = m == cfg.grad_accum - 1 or world == 1
-            ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
+            ctx = loss_of.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with _autocast(device, cfg):
-                    logits = _logits(ddp, batch)
-                loss = loss_sum(logits, batch["labels"], cfg.task) / max(n_global, 1)
+                    loss = loss_of(batch) / max(n_global, 1)
                 (loss * world).backward()  # DDP averages over ranks; × world makes that a sum
             step_loss += loss.detach().double()
             train_tokens += batch["input_ids"].numel() * world

@@ -234,3 +234,41 @@ def test_too_little_data_or_nothing_to_train(text_data) -> None:
     frozen = lc.TinyCausalLM().requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         lc.train(frozen, text_data[0], config=quick())
+
+
+def test_chunked_loss_on_a_transformers_llama_matches_the_logits_path() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 96, (8, 16), generator=gen)
+    labels = ids.clone()
+    labels[::2, :9] = -100  # prompt-style masking on half the examples
+    data = PackedDataset(ids, labels)
+    runs = {}
+    for chunked in (True, False):
+        torch.manual_seed(0)
+        lora = lc.LoraConfig(r=4, target_modules="all-linear")
+        model = lc.apply_lora(transformers.LlamaForCausalLM(config), lora)
+        head_calls: list[int] = []
+        model.lm_head.register_forward_hook(lambda m, i, o, calls=head_calls: calls.append(1))
+        cfg = quick(batch_size=2, grad_accum=2, max_steps=3, chunked_loss=chunked)
+        before = lc.evaluate(model, data, cfg)
+        result = lc.train(model, data, data, cfg)
+        assert bool(head_calls) != chunked  # the chunked path reads lm_head.weight, never calls the head
+        runs[chunked] = (model, before, result)
+    (chunked_model, chunked_before, chunked_result), (logits_model, logits_before, logits_result) = (
+        runs[True],
+        runs[False],
+    )
+    with torch.no_grad():
+        expected = logits_model(input_ids=ids, labels=labels).loss  # transformers' own loss
+    assert logits_result.eval_loss == pytest.approx(float(expected), rel=1e-5)
+    assert chunked_before == pytest.approx(logits_before, rel=1e-5)
+    assert chunked_result.eval_loss == pytest.approx(logits_result.eval_loss, rel=1e-5)
+    train_losses = [[h["loss"] for h in r.history if "loss" in h] for r in (chunked_result, logits_result)]
+    assert len(train_losses[0]) == 3 and train_losses[0] == pytest.approx(train_losses[1], rel=1e-5)
+    for pa, pb in zip(chunked_model.parameters(), logits_model.parameters()):
+        assert_close(pa.detach(), pb.detach())
