@@ -169,6 +169,26 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
             raise CliError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
+def pick_device(requested: str | None) -> Any:
+    """``--device``, else the GPU of this process (``LOCAL_RANK`` under torchrun: one GPU each), else CPU."""
+    import torch
+
+    if requested is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise CliError(f"--device {requested!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise CliError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found)")
+        torch.cuda.set_device(device)  # NCCL and bare .cuda() calls use the current device
+    return device
+
+
 def load_model(name: str | None, device: Any) -> tuple[Any, Any, str]:
     """``(model, tokenizer, base_name)`` for ``tiny``, a transformers folder, a .gguf file, or the default."""
     from lora_core import pretrained
@@ -257,7 +277,7 @@ def finetune(args: argparse.Namespace) -> int:
     from lora_core.train import plot_loss_curve
 
     _check_positive(args, "steps", "batch_size", "grad_accum", "seq_len", "lr", "r", "alpha", "eval_blocks")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     steps = args.steps or defaults["steps"]
     batch_size = args.batch_size or defaults["batch_size"]

@@ -268,3 +268,31 @@ def test_bad_files_for_every_command_are_one_line_exit_2(
     assert err.count("\n") == 1, err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries
+
+
+@pytest.mark.parametrize("device", ["tpu9", "cuda:7"], ids=["not-a-device", "absent-cuda-7"])
+def test_a_bad_device_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str
+) -> None:
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    (tmp_path / "data.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    argv = ["finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir", str(out)]
+    argv += ["--device", device]
+    code, err = _in_process(argv, capsys)
+    assert code == 2 and err.startswith("lora-core: error: --device") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_each_torchrun_process_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_core.cli import pick_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    if torch.cuda.device_count() < 2:  # no second GPU here: the choice is still cuda:1, which is refused
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        with pytest.raises(Exception, match=r"--device cuda:1: no such CUDA device"):
+            pick_device(None)
+    else:
+        assert pick_device(None) == torch.device("cuda", 1)
+    assert pick_device("cpu") == torch.device("cpu")
