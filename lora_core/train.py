@@ -15,9 +15,10 @@ Because the loss is normalized by the token count of the *whole* global batch, t
 whether the batch is split over micro-batches, ranks, or neither: 2 DDP processes equal 1 process with the
 same global batch, and grad accumulation equals a bigger batch (up to float summation order).
 
-**Checkpoints** (``checkpoint.pt``, every ``checkpoint_every`` steps) hold the trainable weights, optimizer,
-scheduler, step and RNG states; they are written atomically (temp file, fsync, rename). Resuming restores
-all of it, so a run killed at any point and resumed ends with the same weights as an uninterrupted run.
+**Checkpoints** (``checkpoint.pt``, every ``checkpoint_every`` steps; ``lora_core.train_state``) hold the
+trainable weights, optimizer, scheduler, step and RNG states; they are written atomically (temp file, fsync,
+rename). Resuming restores all of it, so a run killed at any point and resumed ends with the same weights
+as an uninterrupted run.
 
 **The causal-LM loss** of a transformers model with a plain ``nn.Linear`` head is computed chunk by chunk
 from the final hidden states (``lora_core.losses``): the same sum, without the (tokens × vocab) fp32 logits
@@ -52,10 +53,10 @@ from torch.utils.data import Dataset
 from lora_core._io import atomic_write, atomic_write_text
 from lora_core.data import IGNORE_INDEX, collate
 from lora_core.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
+from lora_core.train_state import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
 TASKS = ("CAUSAL_LM", "SEQ_CLS")
 SCHEDULES = ("cosine", "linear", "constant")
-CHECKPOINT_NAME = "checkpoint.pt"
 # Fields that change the trajectory: a checkpoint refuses to resume under different values.
 _TRAJECTORY_FIELDS = (
     "task",
@@ -400,7 +401,9 @@ def train(
     start, history = 0, []
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
-        start, history = _load_checkpoint(ckpt_path, named, optimizer, scheduler, cfg, world, rank)
+        start, history = load_checkpoint(
+            ckpt_path, named, optimizer, scheduler, cfg.fingerprint(), world, rank
+        )
     last_good = start if start > 0 else None
     loss_of: nn.Module = _LossSum(model, cfg)
     if world > 1:
@@ -470,7 +473,9 @@ def train(
         if cfg.on_step is not None and rank == 0:
             cfg.on_step(done, record)
         if ckpt_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt_path, done, named, optimizer, scheduler, cfg, world, history, rank)
+            save_checkpoint(
+                ckpt_path, done, named, optimizer, scheduler, cfg.fingerprint(), history, world, rank
+            )
             last_good = done
 
     if eval_data is not None:
@@ -491,77 +496,3 @@ def train(
         history=history,
         checkpoint=ckpt_path if last_good else None,
     )
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def _save_checkpoint(
-    path: Path,
-    step: int,
-    named: list[tuple[str, nn.Parameter]],
-    optimizer: Any,
-    scheduler: Any,
-    cfg: TrainConfig,
-    world: int,
-    history: list,
-    rank: int,
-) -> None:
-    rng = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    rngs = [rng]
-    if world > 1:  # every rank's RNG (dropout masks differ per rank), gathered for rank 0 to write
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng)
-    if rank == 0:
-        state = {
-            "step": step,
-            "trainable": {n: p.detach().cpu().clone() for n, p in named},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rngs,
-            "config": cfg.fingerprint(),
-            "world_size": world,
-            "history": json.dumps(history),
-        }
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    if world > 1:
-        dist.barrier()
-
-
-def _load_checkpoint(
-    path: Path,
-    named: list[tuple[str, nn.Parameter]],
-    optimizer: Any,
-    scheduler: Any,
-    cfg: TrainConfig,
-    world: int,
-    rank: int,
-) -> tuple[int, list]:
-    state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
-    if state["config"] != cfg.fingerprint() or state["world_size"] != world:
-        diff = sorted(k for k in state["config"] if state["config"][k] != cfg.fingerprint().get(k))
-        raise ValueError(
-            f"{path} was written by a run with different settings ({diff or 'world_size'}); "
-            "resume with the same settings or start a new output directory"
-        )
-    names = [n for n, _ in named]
-    if sorted(state["trainable"]) != sorted(names):
-        raise ValueError(
-            f"{path} holds other trainable parameters than this model "
-            f"(e.g. {sorted(set(state['trainable']) ^ set(names))[:3]})"
-        )
-    with torch.no_grad():
-        for n, p in named:
-            p.copy_(state["trainable"][n])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate((3, tuple(rng["python"]), None))
-    return int(state["step"]), json.loads(state["history"])
