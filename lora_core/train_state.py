@@ -28,10 +28,13 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def _rng_state() -> dict[str, Any]:
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": list(random.getstate()[1]),
+        "python": list(internal),
+        "python_gauss_next": gauss_next,  # random.gauss() caches its second value
+        "python_version": version,
     }
 
 
@@ -39,7 +42,7 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate((3, tuple(rng["python"]), None))
+    random.setstate((rng.get("python_version", 3), tuple(rng["python"]), rng.get("python_gauss_next")))
 
 
 def save_checkpoint(

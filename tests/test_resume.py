@@ -59,3 +59,19 @@ def test_sigkill_then_resume_gives_the_same_final_weights(tmp_path: Path) -> Non
     assert sorted(resumed) == sorted(expected)
     for name, tensor in expected.items():
         assert (resumed[name] == tensor).all(), f"{name} differs after resume"
+
+
+def test_rng_state_round_trip_includes_pythons_cached_gaussian() -> None:
+    import random
+
+    import torch
+
+    from lora_core.train_state import _rng_state, _set_rng_state
+
+    random.gauss(0.0, 1.0)  # draws a pair and caches the second value: part of the state
+    saved = _rng_state()
+    expected = [random.gauss(0.0, 1.0), random.random(), float(torch.rand(()))]
+    torch.manual_seed(123)
+    random.seed(123)
+    _set_rng_state(saved)
+    assert [random.gauss(0.0, 1.0), random.random(), float(torch.rand(()))] == expected
