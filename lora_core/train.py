@@ -62,6 +62,8 @@ _TRAJECTORY_FIELDS = (
     "task",
     "lr",
     "weight_decay",
+    "adam_betas",
+    "adam_eps",
     "batch_size",
     "grad_accum",
     "epochs",

@@ -94,9 +94,12 @@ def load_checkpoint(
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config"] != fingerprint or state["world_size"] != world:
-        diff = sorted(k for k in state["config"] if state["config"][k] != fingerprint.get(k))
+        keys = set(state["config"]) | set(fingerprint)
+        diff = sorted(k for k in keys if state["config"].get(k) != fingerprint.get(k))
+        if state["world_size"] != world:
+            diff.append(f"world_size {state['world_size']} != {world}")
         raise ValueError(
-            f"{path} was written by a run with different settings ({diff or 'world_size'}); "
+            f"{path} was written by a run with different settings ({diff}); "
             "resume with the same settings or start a new output directory"
         )
     names = [n for n, _ in named]

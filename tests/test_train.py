@@ -202,12 +202,13 @@ def test_resume_in_process_matches_an_uninterrupted_run(text_data, tmp_path: Pat
         assert torch.equal(pf, pr), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 4 was dropped, then logged again
-    with pytest.raises(ValueError, match=r"different settings \(\['lr'\]\)"):
-        lc.train(
-            lc.TinyCausalLM(cfg_model),
-            text_data[0],
-            config=quick(lr=1e-3, seed=1, output_dir=tmp_path, resume=True),
-        )
+    for changed, name in (({"lr": 1e-3}, "lr"), ({"adam_betas": (0.9, 0.95)}, "adam_betas")):
+        with pytest.raises(ValueError, match=rf"different settings \(\['{name}'\]\)"):
+            lc.train(
+                lc.TinyCausalLM(cfg_model),
+                text_data[0],
+                config=quick(seed=1, output_dir=tmp_path, resume=True, **changed),
+            )
 
 
 @pytest.mark.parametrize(
