@@ -235,8 +235,8 @@ def _context_length(model: Any) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-@__import__("torch").no_grad()
 def _sample(model: Any, tokenizer: Any, prompt: str, n: int, device: Any) -> str:
+    """``prompt`` and ``n`` greedily generated tokens (eval mode, no autograd)."""
     import torch
 
     if n <= 0:
@@ -245,7 +245,8 @@ def _sample(model: Any, tokenizer: Any, prompt: str, n: int, device: Any) -> str
     was_training = model.training
     model.eval()
     kwargs = {"pad_token_id": tokenizer.eos_token_id} if hasattr(tokenizer, "pad_token") else {}
-    out = model.generate(ids, max_new_tokens=n, do_sample=False, **kwargs)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, **kwargs)
     model.train(was_training)
     return prompt + tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
@@ -261,7 +262,6 @@ def _peak_memory_mb(device: Any) -> float:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -276,7 +276,12 @@ def finetune(args: argparse.Namespace) -> int:
     from lora_core.data import load_dataset
     from lora_core.train import plot_loss_curve
 
-    _check_positive(args, "steps", "batch_size", "grad_accum", "seq_len", "lr", "r", "alpha", "eval_blocks")
+    _check_positive(
+        args, "steps", "batch_size", "grad_accum", "seq_len", "lr", "r", "alpha", "eval_blocks", "eval_every",
+        "checkpoint_every",
+    )  # fmt: skip
+    if args.warmup is not None and args.warmup < 0:
+        raise CliError(f"--warmup must be >= 0, got {args.warmup}")
     device = pick_device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     steps = args.steps or defaults["steps"]

@@ -296,3 +296,23 @@ def test_each_torchrun_process_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch)
     else:
         assert pick_device(None) == torch.device("cuda", 1)
     assert pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--eval-every", "0", "--eval-every must be > 0"),
+        ("--checkpoint-every", "-2", "--checkpoint-every must be > 0"),
+        ("--warmup", "-1", "--warmup must be >= 0"),
+        ("--steps", "0", "--steps must be > 0"),
+    ],
+)
+def test_bad_numbers_name_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    (tmp_path / "data.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    argv = ["finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir", str(out), flag, value]
+    code, err = _in_process(argv, capsys)
+    assert code == 2 and err.startswith(f"lora-core: error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()
