@@ -335,7 +335,11 @@ def plot_loss_curve(history: list[dict[str, float]], path: str | Path) -> bool:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, config: TrainConfig | None = None) -> float:
-    """Mean loss per target (token or example) over ``data``, summed across DDP ranks if running."""
+    """Mean loss per target (token or example) over ``data``, summed across DDP ranks if running.
+
+    Raises:
+        ValueError: ``data`` holds no target at all.
+    """
     cfg = config or TrainConfig()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
@@ -353,7 +357,9 @@ def evaluate(model: nn.Module, data: Dataset, config: TrainConfig | None = None)
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
-    return float(total[0] / total[1].clamp(min=1))
+    if total[1] == 0:  # a loss of 0 would read as a perfect model
+        raise ValueError("evaluate: the data has no target (every label is -100, or it is empty)")
+    return float(total[0] / total[1])
 
 
 def _autocast(device: torch.device, cfg: TrainConfig) -> Any:

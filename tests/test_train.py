@@ -232,6 +232,10 @@ def test_config_rejects_bad_values(kwargs: dict, field: str) -> None:
 def test_too_little_data_or_nothing_to_train(text_data) -> None:
     with pytest.raises(ValueError, match="fewer than one global batch"):
         lc.train(lc.TinyCausalLM(), text_data[1].subset(slice(0, 2)), config=quick(batch_size=4))
+    held_out = text_data[1]
+    no_targets = PackedDataset(held_out.input_ids, torch.full_like(held_out.labels, -100))
+    with pytest.raises(ValueError, match="no target"):  # not a loss of 0, which reads as a perfect model
+        lc.evaluate(lc.TinyCausalLM(), no_targets)
     frozen = lc.TinyCausalLM().requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         lc.train(frozen, text_data[0], config=quick())
