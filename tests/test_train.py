@@ -110,6 +110,14 @@ def test_warmup_then_cosine_linear_constant() -> None:
     assert lr_factor(9, 10, 4, "constant", 0.0) == 1.0
 
 
+def test_the_loop_applies_the_schedule_step_by_step(text_data) -> None:
+    # 2 warm-up steps, then cosine over the remaining 4 (progress 0, 1/4, 1/2, 3/4 at the steps taken)
+    result = lc.train(lc.TinyCausalLM(), text_data[0], config=quick(lr=1e-2, warmup_steps=2, max_steps=6))
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    expected = [1e-2 * f for f in (0.5, 1.0, *cosine)]
+    assert [h["lr"] for h in result.history if "lr" in h] == pytest.approx(expected)
+
+
 def test_loraplus_and_per_layer_lr_groups() -> None:
     class WithAdapters(nn.Module):
         def __init__(self) -> None:
