@@ -12,6 +12,7 @@ needs the ``llm`` tool). The cache lives in ``$LORA_CORE_CACHE`` or ``~/.cache/l
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -98,13 +99,22 @@ def smollm2_folder() -> Path:
     return convert_gguf(smollm2_gguf_path(), folder)
 
 
+def gguf_cache_folder(gguf: str | Path) -> Path:
+    """Where the converted copy of ``gguf`` is cached: its name plus a digest of its resolved path, size and
+    modification time, so two files of the same name (or a file replaced in place) never share a copy."""
+    gguf = Path(gguf).resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / f"{gguf.stem}-{key}"
+
+
 def load_hf_causal_lm(folder: str | Path, dtype: Any = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a transformers folder, or from a ``.gguf`` file (converted and cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(folder)
     if path.suffix == ".gguf":
-        path = cache_dir() / path.stem
+        path = gguf_cache_folder(folder)
         if not (path / "config.json").is_file():
             convert_gguf(folder, path)
     # Only when set: transformers ≥ 4.56 warns on ``torch_dtype`` (renamed ``dtype``, which 4.45 ignores).

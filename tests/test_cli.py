@@ -316,3 +316,19 @@ def test_bad_numbers_name_the_flag(
     code, err = _in_process(argv, capsys)
     assert code == 2 and err.startswith(f"lora-core: error: {message}") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_gguf_files_of_the_same_name_get_their_own_cached_copy(tmp_path: Path) -> None:
+    from lora_core.pretrained import gguf_cache_folder
+
+    for d, payload in (("a", b"GGUF one"), ("b", b"GGUF two!")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "model.gguf").write_bytes(payload)
+    first, second = (
+        gguf_cache_folder(tmp_path / "a" / "model.gguf"),
+        gguf_cache_folder(tmp_path / "b" / "model.gguf"),
+    )
+    assert first != second and first.name.startswith("model-")
+    assert (
+        gguf_cache_folder(tmp_path / "a" / ".." / "a" / "model.gguf") == first
+    )  # the same file, the same copy
