@@ -106,8 +106,10 @@ def test_warmup_then_cosine_linear_constant() -> None:
     assert lr_factor(4, 10, 4, "cosine", 0.0) == 1.0
     assert lr_factor(7, 10, 4, "cosine", 0.0) == pytest.approx(0.5)  # halfway through the decay: cos(π/2)
     assert lr_factor(7, 10, 4, "linear", 0.0) == pytest.approx(0.5)
-    assert lr_factor(10, 10, 4, "cosine", 0.1) == pytest.approx(0.1)  # ends at min_lr_ratio
+    assert lr_factor(10, 10, 4, "cosine", 0.1) == pytest.approx(0.1)  # min_lr_ratio at step == total
     assert lr_factor(9, 10, 4, "constant", 0.0) == 1.0
+    # the last step taken (9) is one decay step short of the floor, as in transformers' schedulers
+    assert lr_factor(9, 10, 4, "linear", 0.0) == pytest.approx(1 / 6)
 
 
 def test_the_loop_applies_the_schedule_step_by_step(text_data) -> None:
