@@ -30,6 +30,8 @@ How the kernel is laid out (one program = ``BLOCKS_PER_PROG`` quantization block
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -47,7 +49,10 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_nf4(q: object, name: str = "q") -> NF4Tensor:
-    """Validate an :class:`NF4Tensor` for the kernels; raises TypeError/ValueError naming ``name``."""
+    """Validate an :class:`NF4Tensor` for the kernels; raises TypeError/ValueError naming ``name``.
+
+    Returns ``q``, or a copy whose tensors are made contiguous: the kernels index them as flat arrays.
+    """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"{name} must be a lora_core.nf4.NF4Tensor, got {type(q).__name__}")
     bs = q.block_size
@@ -88,7 +93,8 @@ def check_nf4(q: object, name: str = "q") -> NF4Tensor:
                 f"all tensors of {name} must be on one device; found {t.device} and {q.packed.device}"
             )
     check_device(q.packed, f"{name}.packed")
-    return q
+    strided = {k: v.contiguous() for k, v in q.tensors().items() if not v.is_contiguous()}
+    return replace(q, **strided) if strided else q
 
 
 def check_device(t: torch.Tensor, name: str) -> None:
@@ -194,7 +200,7 @@ def nf4_dequantize(
     Returns:
         ``out`` (or a new tensor) holding ``(code[nibble] * absmax).to(dtype)`` for every element.
     """
-    check_nf4(q)
+    q = check_nf4(q)
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
     shape = torch.Size(q.shape)
