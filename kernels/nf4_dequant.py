@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from lora_core.kernels import interpreter_active
 
-from lora_core.nf4 import NF4Tensor
+from lora_core.nf4 import NF4Tensor, check_nf4_fields
 
 # Elements each program writes. 8192 bf16 = 16 KiB out per program: with 8 warps that is 64 bytes of
 # output and 16 bytes of input per thread, i.e. one 16-byte load and four 16-byte stores in flight.
@@ -55,35 +55,7 @@ def check_nf4(q: object, name: str = "q") -> NF4Tensor:
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"{name} must be a lora_core.nf4.NF4Tensor, got {type(q).__name__}")
-    bs = q.block_size
-    if not isinstance(bs, int) or bs < 16 or bs > 4096 or bs & (bs - 1):
-        raise ValueError(f"{name}.block_size must be a power of two in [16, 4096], got {bs!r}")
-    n = q.numel
-    nb = -(-n // bs)
-    if q.packed.dtype != torch.uint8 or q.packed.numel() != (n + 1) // 2:
-        raise ValueError(
-            f"{name}.packed must be uint8 with ceil(numel/2) = {(n + 1) // 2} elements, "
-            f"got {q.packed.dtype} with {q.packed.numel()}"
-        )
-    if q.code.dtype != torch.float32 or q.code.numel() != 16:
-        raise ValueError(
-            f"{name}.code must be float32 with 16 entries, got {q.code.dtype} {tuple(q.code.shape)}"
-        )
-    want_absmax = torch.uint8 if q.double_quant else torch.float32
-    if q.absmax.dtype != want_absmax or q.absmax.numel() != nb:
-        raise ValueError(
-            f"{name}.absmax must be {want_absmax} with ceil(numel/block_size) = {nb} entries "
-            f"(double_quant={q.double_quant}), got {q.absmax.dtype} with {q.absmax.numel()}"
-        )
-    if q.double_quant:
-        nbs = q.nested_block_size
-        bad_nbs = not isinstance(nbs, int) or nbs <= 0 or nbs & (nbs - 1)
-        if q.nested_code is None or q.offset is None or bad_nbs:
-            raise ValueError(
-                f"{name} has nested_absmax but lacks nested_code/offset or a power-of-two nested_block_size"
-            )
-        if q.nested_absmax.numel() != -(-nb // nbs) or q.nested_code.numel() != 256:
-            raise ValueError(f"{name}.nested_absmax/nested_code have the wrong number of entries")
+    check_nf4_fields(q, name)
     tensors = [q.packed, q.absmax, q.code]
     if q.double_quant:
         tensors += [q.nested_absmax, q.nested_code, q.offset]

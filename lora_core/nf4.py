@@ -176,7 +176,11 @@ class NF4Tensor:
 
     @classmethod
     def from_bnb_state(cls, tensors: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Tensor:
-        """Read what `to_bnb_state` (or bitsandbytes' ``Linear4bit.state_dict``) wrote under ``prefix``."""
+        """Read what `to_bnb_state` (or bitsandbytes' ``Linear4bit.state_dict``) wrote under ``prefix``.
+
+        Raises:
+            ValueError: FP4, a missing key, or sizes / dtypes that do not fit the recorded shape.
+        """
         key = f"{prefix}.quant_state.bitsandbytes__nf4"
         if key not in tensors:
             fp4 = f"{prefix}.quant_state.bitsandbytes__fp4"
@@ -186,30 +190,33 @@ class NF4Tensor:
         meta = json.loads(bytes(tensors[key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
         if meta.get("quant_type") != "nf4":
             raise ValueError(f"{key}: quant_type {meta.get('quant_type')!r} is not 'nf4'")
+        nested = "nested_blocksize" in meta or f"{prefix}.nested_absmax" in tensors
+        needed = [prefix, f"{prefix}.absmax", f"{prefix}.quant_map"]
+        needed += [f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map"] if nested else []
+        missing = [k for k in needed if k not in tensors]
+        missing += [f"{key}: {k}" for k in ("blocksize", "dtype", "shape") if k not in meta]
+        missing += [f"{key}: {k}" for k in ("nested_blocksize", "nested_offset") if nested and k not in meta]
+        if missing:
+            raise ValueError(f"incomplete NF4 entry {prefix!r}: missing {missing}")
         dtype = getattr(torch, str(meta["dtype"]), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"{key}: unknown dtype {meta['dtype']!r}")
-        shape = torch.Size(meta["shape"])
         packed = tensors[prefix].reshape(-1)
         if packed.dtype != torch.uint8:  # bnb's quant_storage may be another dtype; the bytes are the same
             packed = packed.contiguous().view(torch.uint8)
-        n = shape.numel()
-        if packed.numel() != (n + 1) // 2:
-            need = (n + 1) // 2
-            raise ValueError(f"{prefix}: {packed.numel()} bytes for shape {tuple(shape)}; need {need}")
-        nested = f"{prefix}.nested_absmax" in tensors
-        return cls(
+        q = cls(
             packed=packed,
             absmax=tensors[f"{prefix}.absmax"].reshape(-1),
-            shape=shape,
+            shape=torch.Size(meta["shape"]),
             dtype=dtype,
-            block_size=int(meta["blocksize"]),
+            block_size=meta["blocksize"],
             code=tensors[f"{prefix}.quant_map"].float(),
             nested_absmax=tensors[f"{prefix}.nested_absmax"].float() if nested else None,
             nested_code=tensors[f"{prefix}.nested_quant_map"].float() if nested else None,
-            nested_block_size=int(meta["nested_blocksize"]) if nested else None,
-            offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32) if nested else None,
+            nested_block_size=meta["nested_blocksize"] if nested else None,
+            offset=torch.tensor(float(meta["nested_offset"]), device=packed.device) if nested else None,
         )
+        return check_nf4_fields(q, prefix)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -330,6 +337,43 @@ def _check_weight(w: object) -> torch.Tensor:
 # size, instead of ≈ 20 bytes per element of the whole weight at once. A power of two ≥ 4096: a multiple
 # of every block size, so steps cut between blocks, and even, so they cut between bytes of the output.
 _QUANT_CHUNK = 1 << 22
+
+
+def check_nf4_fields(q: NF4Tensor, name: str = "q") -> NF4Tensor:
+    """Check that the fields of ``q`` fit together (sizes, dtypes, block sizes); ValueError naming ``name``
+    and the field. What a reader of a checkpoint or a kernel launcher needs before it indexes them."""
+    bs = q.block_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or not (16 <= bs <= 4096) or bs & (bs - 1):
+        raise ValueError(f"{name}.block_size must be a power of two in [16, 4096], got {bs!r}")
+    n = q.numel
+    nb = -(-n // bs)
+    if q.packed.dtype != torch.uint8 or q.packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"{name}.packed must be uint8 with ceil(numel/2) = {(n + 1) // 2} elements for shape "
+            f"{tuple(q.shape)}, got {q.packed.dtype} with {q.packed.numel()}"
+        )
+    if q.code.dtype != torch.float32 or q.code.numel() != 16:
+        got = f"{q.code.dtype} {tuple(q.code.shape)}"
+        raise ValueError(f"{name}.code must be float32 with 16 entries, got {got}")
+    want_absmax = torch.uint8 if q.double_quant else torch.float32
+    if q.absmax.dtype != want_absmax or q.absmax.numel() != nb:
+        raise ValueError(
+            f"{name}.absmax must be {want_absmax} with ceil(numel/block_size) = {nb} entries "
+            f"(double_quant={q.double_quant}), got {q.absmax.dtype} with {q.absmax.numel()}"
+        )
+    if q.double_quant:
+        nbs = q.nested_block_size
+        bad_nbs = isinstance(nbs, bool) or not isinstance(nbs, int) or nbs <= 0 or nbs & (nbs - 1)
+        if q.nested_code is None or q.offset is None or bad_nbs:
+            raise ValueError(
+                f"{name} has nested_absmax but lacks nested_code/offset or a power-of-two nested_block_size"
+            )
+        if q.nested_absmax.numel() != -(-nb // nbs) or q.nested_code.numel() != 256:
+            raise ValueError(
+                f"{name}.nested_absmax must have ceil({nb}/{nbs}) entries and nested_code 256, got "
+                f"{q.nested_absmax.numel()} and {q.nested_code.numel()}"
+            )
+    return q
 
 
 def _quantize_4bit_chunk(
