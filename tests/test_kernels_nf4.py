@@ -3,9 +3,8 @@
 Without CUDA the kernels run through Triton's interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay
 tiny and dtypes are fp16/fp32 (bf16 is wrong under the interpreter); bf16 and big shapes run on a GPU.
 
-Inputs are quantized by the real bitsandbytes (CPU), and the reference dequantization below follows the
-formula pinned in ``lora_core.nf4.NF4Tensor``'s docstring; it is itself checked against bitsandbytes'
-``dequantize_4bit``. When ``lora_core.nf4`` provides ``nf4_dequantize_ref`` that one is used instead.
+Inputs are quantized by the real bitsandbytes (CPU); the reference is ``lora_core.nf4.nf4_dequantize_ref``,
+itself checked against bitsandbytes' ``dequantize_4bit`` below.
 """
 
 from __future__ import annotations
@@ -57,22 +56,8 @@ def quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = False) 
     )  # fmt: skip
 
 
-def _dequantize_ref_local(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """NF4Tensor's documented formula, written out: float32 multiply, then add, then one rounding."""
-    absmax = q.absmax
-    if q.double_quant:
-        nested_idx = torch.arange(absmax.numel(), device=absmax.device) // q.nested_block_size
-        absmax = q.nested_code[absmax.long()] * q.nested_absmax[nested_idx]
-        absmax = absmax + q.offset
-    b = q.packed.long()
-    nibble = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[: q.numel]  # high nibble first
-    block = torch.arange(q.numel, device=b.device) // q.block_size
-    return (q.code[nibble] * absmax[block]).to(dtype).reshape(q.shape)
-
-
 def dequantize_ref(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    ref = getattr(nf4, "nf4_dequantize_ref", None)
-    return ref(q, dtype) if ref is not None else _dequantize_ref_local(q, dtype)
+    return nf4.nf4_dequantize_ref(q, dtype)
 
 
 def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
