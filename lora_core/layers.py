@@ -202,6 +202,7 @@ class LoRALinear(nn.Module):
         plain.__dict__.update(self._base_attrs)
         plain.weight = self.weight
         plain.bias = self.bias
+        plain.train(self.training)  # nn.Module.__init__ left it in training mode
         return plain
 
     # ---- adapter initialisation ------------------------------------------------------------------------

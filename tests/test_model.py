@@ -140,6 +140,7 @@ def test_merge_unmerge_unload(model):
     assert set(plain.state_dict()) == set(Tiny().state_dict())
     assert all(p.requires_grad for p in plain.parameters())  # as before apply_lora
     assert type(plain.layers[0].q_proj) is nn.Linear
+    assert not any(m.training for m in plain.modules())  # the model was in eval mode; it stays there
     assert_close(plain(IDS).detach(), y)
     with pytest.raises(ValueError, match="no LoRA layers"):
         lc.merge_lora(plain)
