@@ -84,6 +84,15 @@ def test_apply_freezes_the_base_and_keeps_outputs(model):
     assert f"{expected:,}" in str(report) and "trainable%" in str(report)
 
 
+def test_layers_keep_the_mode_of_the_model(model):
+    lc.apply_lora(model, lc.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], dropout=0.5))
+    _randomize(model)
+    assert not any(m.training for m in model.modules())  # eval model: no adapter dropout
+    assert torch.equal(model(IDS), model(IDS))
+    model.train()
+    assert not torch.equal(model(IDS), model(IDS))  # dropout on the adapter input, as configured
+
+
 def test_target_forms(model):
     assert find_targets(model, lc.LoraConfig(target_modules=r"layers\.[02]\.k_proj")) == [
         "layers.0.k_proj", "layers.2.k_proj",
