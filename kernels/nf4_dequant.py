@@ -30,12 +30,14 @@ How the kernel is laid out (one program = ``BLOCKS_PER_PROG`` quantization block
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 from lora_core.kernels import interpreter_active
 
-from lora_core.nf4 import NF4Tensor
+from lora_core.nf4 import NF4Tensor, check_nf4_fields
 
 # Elements each program writes. 8192 bf16 = 16 KiB out per program: with 8 warps that is 64 bytes of
 # output and 16 bytes of input per thread, i.e. one 16-byte load and four 16-byte stores in flight.
@@ -47,38 +49,13 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_nf4(q: object, name: str = "q") -> NF4Tensor:
-    """Validate an :class:`NF4Tensor` for the kernels; raises TypeError/ValueError naming ``name``."""
+    """Validate an :class:`NF4Tensor` for the kernels; raises TypeError/ValueError naming ``name``.
+
+    Returns ``q``, or a copy whose tensors are made contiguous: the kernels index them as flat arrays.
+    """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"{name} must be a lora_core.nf4.NF4Tensor, got {type(q).__name__}")
-    bs = q.block_size
-    if not isinstance(bs, int) or bs < 16 or bs > 4096 or bs & (bs - 1):
-        raise ValueError(f"{name}.block_size must be a power of two in [16, 4096], got {bs!r}")
-    n = q.numel
-    nb = -(-n // bs)
-    if q.packed.dtype != torch.uint8 or q.packed.numel() != (n + 1) // 2:
-        raise ValueError(
-            f"{name}.packed must be uint8 with ceil(numel/2) = {(n + 1) // 2} elements, "
-            f"got {q.packed.dtype} with {q.packed.numel()}"
-        )
-    if q.code.dtype != torch.float32 or q.code.numel() != 16:
-        raise ValueError(
-            f"{name}.code must be float32 with 16 entries, got {q.code.dtype} {tuple(q.code.shape)}"
-        )
-    want_absmax = torch.uint8 if q.double_quant else torch.float32
-    if q.absmax.dtype != want_absmax or q.absmax.numel() != nb:
-        raise ValueError(
-            f"{name}.absmax must be {want_absmax} with ceil(numel/block_size) = {nb} entries "
-            f"(double_quant={q.double_quant}), got {q.absmax.dtype} with {q.absmax.numel()}"
-        )
-    if q.double_quant:
-        nbs = q.nested_block_size
-        bad_nbs = not isinstance(nbs, int) or nbs <= 0 or nbs & (nbs - 1)
-        if q.nested_code is None or q.offset is None or bad_nbs:
-            raise ValueError(
-                f"{name} has nested_absmax but lacks nested_code/offset or a power-of-two nested_block_size"
-            )
-        if q.nested_absmax.numel() != -(-nb // nbs) or q.nested_code.numel() != 256:
-            raise ValueError(f"{name}.nested_absmax/nested_code have the wrong number of entries")
+    check_nf4_fields(q, name)
     tensors = [q.packed, q.absmax, q.code]
     if q.double_quant:
         tensors += [q.nested_absmax, q.nested_code, q.offset]
@@ -88,7 +65,8 @@ def check_nf4(q: object, name: str = "q") -> NF4Tensor:
                 f"all tensors of {name} must be on one device; found {t.device} and {q.packed.device}"
             )
     check_device(q.packed, f"{name}.packed")
-    return q
+    strided = {k: v.contiguous() for k, v in q.tensors().items() if not v.is_contiguous()}
+    return replace(q, **strided) if strided else q
 
 
 def check_device(t: torch.Tensor, name: str) -> None:
@@ -194,7 +172,7 @@ def nf4_dequantize(
     Returns:
         ``out`` (or a new tensor) holding ``(code[nibble] * absmax).to(dtype)`` for every element.
     """
-    check_nf4(q)
+    q = check_nf4(q)
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
     shape = torch.Size(q.shape)

@@ -341,9 +341,10 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) 
             )
         bias = bias.contiguous()
     lead = x.shape[:-1]
+    if lead.numel() == 0 or n == 0 or k == 0:  # nothing to reduce: the sum over K is empty, y = bias
+        y = torch.zeros((*lead, n), dtype=x.dtype, device=x.device)
+        return y if bias is None else y + bias
     a = x.reshape(-1, k)  # a view when it can be; strides are passed to the kernel
-    if a.shape[0] == 0 or n == 0:
-        return torch.zeros((*lead, n), dtype=x.dtype, device=x.device)
     if not _use_fused(a.shape[0], k):
         return F.linear(x, nf4_dequantize(q, x.dtype), bias)
     return _launch_fused(a, q, bias, grad=False).reshape(*lead, n)
@@ -363,9 +364,9 @@ def nf4_matmul_grad(grad_out: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     n, k = q.shape
     grad_out = _check_x(grad_out, "grad_out", n, "out_features", q)
     lead = grad_out.shape[:-1]
-    g = grad_out.reshape(-1, n)
-    if g.shape[0] == 0 or n == 0:
+    if lead.numel() == 0 or n == 0 or k == 0:  # an empty product or an empty sum over N: zeros
         return torch.zeros((*lead, k), dtype=grad_out.dtype, device=grad_out.device)
+    g = grad_out.reshape(-1, n)
     if not _use_fused(g.shape[0], k):
         return grad_out @ nf4_dequantize(q, grad_out.dtype)
     return _launch_fused(g, q, None, grad=True).reshape(*lead, k)

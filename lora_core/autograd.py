@@ -75,6 +75,9 @@ def nf4_linear(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) 
         raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
     if len(q.shape) != 2:
         raise ValueError(f"q must be a 2-D weight (out, in), got shape {tuple(q.shape)}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point tensor, got {got}")  # an int x would truncate W
     if x.shape[-1:] != q.shape[1:]:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, the weight expects {q.shape[1]}")
     if x.device != q.device:

@@ -156,6 +156,14 @@ class LoraConfig:
             self.layers_to_transform = list(ltt)
         if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
             raise TypeError(f"layers_pattern must be a string or None, got {self.layers_pattern!r}")
+        # PEFT's rules (its LoraConfig refuses these, so an adapter saved with them would not load there):
+        # a regex already says which layers; a layers_pattern alone would be silently ignored.
+        regex = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+        for name in ("layers_to_transform", "layers_pattern"):
+            if regex and getattr(self, name) is not None:
+                raise ValueError(f"{name} cannot be used when target_modules is a regex; put the layer in it")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform (it only says where the index is)")
         for pattern_name, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
             pattern = getattr(self, pattern_name)
             if not isinstance(pattern, dict):

@@ -494,7 +494,9 @@ def fused_mode(mode: str) -> Iterator[None]:
 
 def use_fused(layer: Any, x: Tensor) -> bool:
     """Whether ``layer(x)`` takes the fused Function: CUDA input (or mode "always"), an unmerged layer with
-    a fusable base, no autocast (the reference's ops follow autocast's casting rules; ours would not)."""
+    a fusable, frozen base, no autocast (the reference's ops follow autocast's casting rules; ours would
+    not). A base weight that requires grad (the user unfroze it) takes the reference: the Function treats
+    W₀ as a constant and would silently drop its gradient."""
     if _mode == "never" or layer.merged or not (x.is_cuda or _mode == "always"):
         return False
     if torch.is_autocast_enabled(x.device.type) or not x.is_floating_point():
@@ -502,8 +504,11 @@ def use_fused(layer: Any, x: Tensor) -> bool:
     base = layer.base_op()
     if base is None:
         return False
-    if isinstance(base, DenseBase) and base.weight.dtype != x.dtype:
-        return False  # the reference raises its usual dtype error
+    if isinstance(base, DenseBase):
+        if base.weight.dtype != x.dtype:
+            return False  # the reference raises its usual dtype error
+        if base.weight.requires_grad and torch.is_grad_enabled():
+            return False  # W₀ is no input of the Function: autograd must see it
     return True
 
 

@@ -133,6 +133,8 @@ class LoRALinear(nn.Module):
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
         self.register_buffer("_dora_merged_norm", None, persistent=False)
+        # Take over the base's mode: a layer put into an eval model must not start applying dropout.
+        self.train(base.training)
 
     @classmethod
     def from_linear(
@@ -202,6 +204,7 @@ class LoRALinear(nn.Module):
         plain.__dict__.update(self._base_attrs)
         plain.weight = self.weight
         plain.bias = self.bias
+        plain.train(self.training)  # nn.Module.__init__ left it in training mode
         return plain
 
     # ---- adapter initialisation ------------------------------------------------------------------------

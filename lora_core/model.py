@@ -262,8 +262,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
                 p.requires_grad_(True)
     for path in to_save:
         root.get_submodule(path).requires_grad_(True)
+    # As PEFT: "all-linear" is recorded as the names it resolved to, so the saved adapter_config.json
+    # also loads in PEFT when it has layers_to_transform (PEFT refuses that with a string target).
+    targets = sorted({p.rsplit(".", 1)[-1] for p in paths}) if cfg.target_modules == "all-linear" else None
     saved_cfg = LoraConfig(
-        **{**cfg.__dict__, "modules_to_save": [p.rsplit(".", 1)[-1] for p in to_save] or None}
+        **{
+            **cfg.__dict__,
+            "modules_to_save": [p.rsplit(".", 1)[-1] for p in to_save] or None,
+            "target_modules": targets or cfg.target_modules,
+        }
     )
     object.__setattr__(root, _CONFIG_ATTR, saved_cfg)
     object.__setattr__(root, _REQUIRES_GRAD_ATTR, flags)

@@ -176,7 +176,11 @@ class NF4Tensor:
 
     @classmethod
     def from_bnb_state(cls, tensors: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Tensor:
-        """Read what `to_bnb_state` (or bitsandbytes' ``Linear4bit.state_dict``) wrote under ``prefix``."""
+        """Read what `to_bnb_state` (or bitsandbytes' ``Linear4bit.state_dict``) wrote under ``prefix``.
+
+        Raises:
+            ValueError: FP4, a missing key, or sizes / dtypes that do not fit the recorded shape.
+        """
         key = f"{prefix}.quant_state.bitsandbytes__nf4"
         if key not in tensors:
             fp4 = f"{prefix}.quant_state.bitsandbytes__fp4"
@@ -186,30 +190,33 @@ class NF4Tensor:
         meta = json.loads(bytes(tensors[key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
         if meta.get("quant_type") != "nf4":
             raise ValueError(f"{key}: quant_type {meta.get('quant_type')!r} is not 'nf4'")
+        nested = "nested_blocksize" in meta or f"{prefix}.nested_absmax" in tensors
+        needed = [prefix, f"{prefix}.absmax", f"{prefix}.quant_map"]
+        needed += [f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map"] if nested else []
+        missing = [k for k in needed if k not in tensors]
+        missing += [f"{key}: {k}" for k in ("blocksize", "dtype", "shape") if k not in meta]
+        missing += [f"{key}: {k}" for k in ("nested_blocksize", "nested_offset") if nested and k not in meta]
+        if missing:
+            raise ValueError(f"incomplete NF4 entry {prefix!r}: missing {missing}")
         dtype = getattr(torch, str(meta["dtype"]), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"{key}: unknown dtype {meta['dtype']!r}")
-        shape = torch.Size(meta["shape"])
         packed = tensors[prefix].reshape(-1)
         if packed.dtype != torch.uint8:  # bnb's quant_storage may be another dtype; the bytes are the same
             packed = packed.contiguous().view(torch.uint8)
-        n = shape.numel()
-        if packed.numel() != (n + 1) // 2:
-            need = (n + 1) // 2
-            raise ValueError(f"{prefix}: {packed.numel()} bytes for shape {tuple(shape)}; need {need}")
-        nested = f"{prefix}.nested_absmax" in tensors
-        return cls(
+        q = cls(
             packed=packed,
             absmax=tensors[f"{prefix}.absmax"].reshape(-1),
-            shape=shape,
+            shape=torch.Size(meta["shape"]),
             dtype=dtype,
-            block_size=int(meta["blocksize"]),
+            block_size=meta["blocksize"],
             code=tensors[f"{prefix}.quant_map"].float(),
             nested_absmax=tensors[f"{prefix}.nested_absmax"].float() if nested else None,
             nested_code=tensors[f"{prefix}.nested_quant_map"].float() if nested else None,
-            nested_block_size=int(meta["nested_blocksize"]) if nested else None,
-            offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32) if nested else None,
+            nested_block_size=meta["nested_blocksize"] if nested else None,
+            offset=torch.tensor(float(meta["nested_offset"]), device=packed.device) if nested else None,
         )
+        return check_nf4_fields(q, prefix)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -325,24 +332,89 @@ def _check_weight(w: object) -> torch.Tensor:
     return w
 
 
-def _blockwise_absmax(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Split flat ``x`` into full blocks ``(nb_full, block_size)`` and a tail; absmax of the full blocks."""
+# Elements quantized per step. The temporaries of one step (float32 copy, |x|, scaled; int32 bucket
+# index; uint8 codes) cost ≤ 17 bytes an element, so a step peaks at ≈ 70 MB whatever the weight's
+# size, instead of ≈ 20 bytes per element of the whole weight at once. A power of two ≥ 4096: a multiple
+# of every block size, so steps cut between blocks, and even, so they cut between bytes of the output.
+_QUANT_CHUNK = 1 << 22
+
+
+def check_nf4_fields(q: NF4Tensor, name: str = "q") -> NF4Tensor:
+    """Check that the fields of ``q`` fit together (sizes, dtypes, block sizes); ValueError naming ``name``
+    and the field. What a reader of a checkpoint or a kernel launcher needs before it indexes them."""
+    bs = q.block_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or not (16 <= bs <= 4096) or bs & (bs - 1):
+        raise ValueError(f"{name}.block_size must be a power of two in [16, 4096], got {bs!r}")
+    n = q.numel
+    nb = -(-n // bs)
+    if q.packed.dtype != torch.uint8 or q.packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"{name}.packed must be uint8 with ceil(numel/2) = {(n + 1) // 2} elements for shape "
+            f"{tuple(q.shape)}, got {q.packed.dtype} with {q.packed.numel()}"
+        )
+    if q.code.dtype != torch.float32 or q.code.numel() != 16:
+        got = f"{q.code.dtype} {tuple(q.code.shape)}"
+        raise ValueError(f"{name}.code must be float32 with 16 entries, got {got}")
+    want_absmax = torch.uint8 if q.double_quant else torch.float32
+    if q.absmax.dtype != want_absmax or q.absmax.numel() != nb:
+        raise ValueError(
+            f"{name}.absmax must be {want_absmax} with ceil(numel/block_size) = {nb} entries "
+            f"(double_quant={q.double_quant}), got {q.absmax.dtype} with {q.absmax.numel()}"
+        )
+    if q.double_quant:
+        nbs = q.nested_block_size
+        bad_nbs = isinstance(nbs, bool) or not isinstance(nbs, int) or nbs <= 0 or nbs & (nbs - 1)
+        if q.nested_code is None or q.offset is None or bad_nbs:
+            raise ValueError(
+                f"{name} has nested_absmax but lacks nested_code/offset or a power-of-two nested_block_size"
+            )
+        if q.nested_absmax.numel() != -(-nb // nbs) or q.nested_code.numel() != 256:
+            raise ValueError(
+                f"{name}.nested_absmax must have ceil({nb}/{nbs}) entries and nested_code 256, got "
+                f"{q.nested_absmax.numel()} and {q.nested_code.numel()}"
+            )
+    return q
+
+
+def _quantize_4bit_chunk(
+    x: torch.Tensor, block_size: int, mids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat float32 ``(c,)``, starting on a block boundary → (codes uint8 ``(c,)``, absmax float32).
+
+    bitsandbytes' rounding (module doc): full blocks are multiplied by ``1 / absmax``, a partial last block
+    is divided by its absmax; both clamped to ≥ 1e-38. A value on a midpoint goes to the lower code.
+    """
     full = x.numel() - x.numel() % block_size
     blocks = x[:full].reshape(-1, block_size)  # (nb_full, bs)
-    return blocks, blocks.abs().amax(dim=-1) if full else x.new_zeros(0), full
-
-
-def _quantize_4bit(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """flat float32 ``(n,)`` → (codes uint8 ``(n,)``, absmax float32 ``(nb,)``), bitsandbytes' rounding."""
-    blocks, absmax, full = _blockwise_absmax(x, block_size)
+    absmax = blocks.abs().amax(dim=-1) if full else x.new_zeros(0)  # (nb_full,)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)  # reciprocal, then multiply
     if full < x.numel():  # the partial last block: a true division by its (clamped, and so stored) absmax
         tail_max = x[full:].abs().amax().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail_max[None]])
         scaled = torch.cat([scaled, x[full:] / tail_max])
-    scaled = scaled.clamp(-1.0, 1.0)
-    codes = torch.bucketize(scaled, _nf4_midpoints().to(x.device), right=False)  # on a midpoint → lower
+    codes = torch.bucketize(scaled.clamp_(-1.0, 1.0), mids, out_int32=True, right=False)  # on a mid → lower
     return codes.to(torch.uint8), absmax
+
+
+def _quantize_4bit(
+    x: torch.Tensor, block_size: int, chunk: int = _QUANT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat ``(n,)`` (any float dtype) → (packed uint8 ``(ceil(n/2),)``, absmax float32 ``(nb,)``).
+
+    Works through ``x`` ``chunk`` elements (rounded down to whole blocks) at a time, converting each slice
+    to float32 on its own, so the temporaries stay bounded; every element's arithmetic is the same as in
+    one pass, so the bytes are too (a test pins it).
+    """
+    n = x.numel()
+    chunk = max(block_size, chunk - chunk % block_size)  # whole blocks, so an even number of elements
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=x.device)
+    mids = _nf4_midpoints().to(x.device)
+    for start in range(0, n, chunk):
+        codes, amax = _quantize_4bit_chunk(x[start : start + chunk].to(torch.float32), block_size, mids)
+        packed[start // 2 : start // 2 + (codes.numel() + 1) // 2] = pack_nf4(codes)
+        absmax[start // block_size : start // block_size + amax.numel()] = amax
+    return packed, absmax
 
 
 def _quantize_8bit_dynamic(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,7 +432,9 @@ def _quantize_8bit_dynamic(x: torch.Tensor, block_size: int) -> tuple[torch.Tens
     return q.reshape(-1)[:n], absmax
 
 
-def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:
+def quantize_nf4(
+    w: torch.Tensor, block_size: int = 64, double_quant: bool = True, *, _chunk: int = _QUANT_CHUNK
+) -> NF4Tensor:
     """Quantize ``w`` to NF4 exactly as bitsandbytes' ``quantize_4bit(quant_type="nf4")`` does.
 
     Args:
@@ -369,16 +443,16 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = Tru
         block_size: elements per absmax block, a power of two in [16, 4096] (QLoRA: 64).
         double_quant: quantize the absmax vector too (QLoRA §3 "Double Quantization"; bitsandbytes'
             ``compress_statistics=True``): 8-bit dynamic codes in blocks of 256 around their mean.
+        _chunk: private; elements per quantization step (tests force small steps; the bytes never change).
 
     Returns:
         An `NF4Tensor` on ``w``'s device.
     """
     _check_block_size(block_size)
     w = _check_weight(w)
-    x = w.detach().reshape(-1).to(torch.float32)  # (n,)
-    codes, absmax = _quantize_4bit(x, block_size)
+    packed, absmax = _quantize_4bit(w.detach().reshape(-1), block_size, _chunk)  # float32 per chunk
     q = NF4Tensor(
-        packed=pack_nf4(codes),
+        packed=packed,
         absmax=absmax,
         shape=torch.Size(w.shape),
         dtype=w.dtype,

@@ -3,13 +3,15 @@ straight into NF4 (written on CPU by ``bnb.nn.Linear4bit`` and its own state-dic
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_core.checkpoint import load_bnb_checkpoint, load_quantized, read_bnb_state_dict, save_quantized
-from lora_core.nf4 import NF4Tensor, dequantize_nf4
+from lora_core.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from lora_core.qlora import QLoRALinear
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -91,3 +93,36 @@ def test_save_and_load_quantized_model(tmp_path) -> None:
     stored = load_file(path)
     assert stored["0.weight"].dtype == torch.uint8 and stored["0.weight"].shape == (48 * 32 // 2, 1)
     assert stored["2.weight.absmax"].dtype == torch.float32  # no double quant on that one
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("w.absmax"), r"missing \['w.absmax'\]"),
+        (lambda s: s.pop("w.quant_map"), r"missing \['w.quant_map'\]"),
+        (lambda s: s.pop("w.nested_quant_map"), r"missing \['w.nested_quant_map'\]"),
+        (lambda s: s.pop("w"), r"missing \['w'\]"),
+        (lambda s: s.update({"w.absmax": s["w.absmax"][:-1]}), "absmax must be"),
+        (lambda s: s.update({"w": s["w"][:-1]}), "packed must be uint8"),
+        (lambda s: s.update({"w.quant_map": s["w.quant_map"][:8]}), "code must be float32 with 16"),
+        (lambda s: s.update({"w.nested_absmax": torch.ones(2)}), "nested_absmax must have"),
+    ],
+)
+def test_incomplete_or_inconsistent_entry_is_a_value_error(edit, message) -> None:
+    """`read_bnb_state_dict` promises ValueError for an incomplete entry (it raised KeyError, or
+    dequantized with the wrong scales later)."""
+    state = dict(quantize_nf4(torch.randn(8, 64)).to_bnb_state("w"))
+    edit(state)
+    with pytest.raises(ValueError, match=message):
+        read_bnb_state_dict(state)
+
+
+@pytest.mark.parametrize("blocksize", [32, 48, 8192, "64"])
+def test_recorded_block_size_is_checked(blocksize) -> None:
+    """A blob whose block size disagrees with the stored scales, or is no power of two in [16, 4096]."""
+    state = dict(quantize_nf4(torch.randn(8, 64), double_quant=False).to_bnb_state("w"))
+    key = "w.quant_state.bitsandbytes__nf4"
+    meta = {**json.loads(bytes(state[key].tolist())), "blocksize": blocksize}
+    state[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"block_size must be a power of two|absmax must be"):
+        NF4Tensor.from_bnb_state(state, "w")

@@ -28,6 +28,9 @@ from lora_core import LoraConfig
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
         ({"alpha_pattern": {"q_proj": -2}}, "alpha_pattern"),
         ({"layers_to_transform": [-1]}, "layers_to_transform"),
+        ({"target_modules": r".*\.q", "layers_to_transform": [1]}, "layers_to_transform"),
+        ({"target_modules": r".*\.q", "layers_pattern": "h"}, "layers_pattern"),
+        ({"target_modules": ["q"], "layers_pattern": "h"}, "layers_pattern needs layers_to_transform"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(kwargs, field):

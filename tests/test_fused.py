@@ -269,6 +269,23 @@ def test_module_fused_equals_module_reference(dora: bool) -> None:
         assert_all_close(got, want)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_unfrozen_base_weight_gets_its_gradient(dora: bool) -> None:
+    # A user may unfreeze W₀ (full fine-tuning plus an adapter); "always" must not drop ∂L/∂W₀.
+    mod = layer(dora, 0.0)
+    mod.weight.requires_grad_(True)
+    x = torch.randn(4, 12, dtype=F64)
+    with fused.fused_mode("always"):
+        got = module_grads(mod, x)
+    with fused.fused_mode("never"):
+        want = module_grads(mod, x)
+    assert len(got) == 6 + dora  # y, ∂x, ∂W₀, ∂b, ∂A, ∂B (, ∂m)
+    assert_all_close(got, want)
+    if not dora:  # ∂⟨y, G⟩/∂W₀ = Gᵀ x, written out (G as grads() draws it)
+        g = torch.randn(got[0].shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+        assert_close(got[2], g.T @ x)
+
+
 def test_dora_norm_cache_follows_the_base_weight() -> None:
     mod = layer(True, 0.0)
     x = torch.randn(5, 12, dtype=F64)
@@ -304,6 +321,12 @@ def test_dispatch_rules() -> None:
         assert not fused.use_fused(mod, x.float())  # dtype mismatch: the reference raises as before
         mod.merge()
         assert not fused.use_fused(mod, x)
+    mod.unmerge()
+    mod.weight.requires_grad_(True)  # an unfrozen base: its gradient needs the reference path
+    with fused.fused_mode("always"):
+        assert not fused.use_fused(mod, x)
+        with torch.no_grad():
+            assert fused.use_fused(mod, x)  # no graph, no gradient to lose
     with pytest.raises(ValueError, match="mode must be one of"):
         with fused.fused_mode("fast"):
             pass

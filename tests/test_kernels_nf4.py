@@ -3,9 +3,8 @@
 Without CUDA the kernels run through Triton's interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay
 tiny and dtypes are fp16/fp32 (bf16 is wrong under the interpreter); bf16 and big shapes run on a GPU.
 
-Inputs are quantized by the real bitsandbytes (CPU), and the reference dequantization below follows the
-formula pinned in ``lora_core.nf4.NF4Tensor``'s docstring; it is itself checked against bitsandbytes'
-``dequantize_4bit``. When ``lora_core.nf4`` provides ``nf4_dequantize_ref`` that one is used instead.
+Inputs are quantized by the real bitsandbytes (CPU); the reference is ``lora_core.nf4.nf4_dequantize_ref``,
+itself checked against bitsandbytes' ``dequantize_4bit`` below.
 """
 
 from __future__ import annotations
@@ -57,22 +56,8 @@ def quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = False) 
     )  # fmt: skip
 
 
-def _dequantize_ref_local(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """NF4Tensor's documented formula, written out: float32 multiply, then add, then one rounding."""
-    absmax = q.absmax
-    if q.double_quant:
-        nested_idx = torch.arange(absmax.numel(), device=absmax.device) // q.nested_block_size
-        absmax = q.nested_code[absmax.long()] * q.nested_absmax[nested_idx]
-        absmax = absmax + q.offset
-    b = q.packed.long()
-    nibble = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[: q.numel]  # high nibble first
-    block = torch.arange(q.numel, device=b.device) // q.block_size
-    return (q.code[nibble] * absmax[block]).to(dtype).reshape(q.shape)
-
-
 def dequantize_ref(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    ref = getattr(nf4, "nf4_dequantize_ref", None)
-    return ref(q, dtype) if ref is not None else _dequantize_ref_local(q, dtype)
+    return nf4.nf4_dequantize_ref(q, dtype)
 
 
 def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -241,6 +226,38 @@ def test_empty_batch() -> None:
     q = quantize(randn(8, 64, seed=12), 64)
     assert kernels.nf4_matmul(torch.empty(0, 64, device=DEVICE), q).shape == (0, 8)
     assert kernels.nf4_matmul_grad(torch.empty(2, 0, 8, device=DEVICE), q).shape == (2, 0, 64)
+
+
+def test_empty_weight_dimensions() -> None:
+    """K = 0: the sum over K is empty, so y = bias; N = 0: grad_out has no columns, so dx = 0."""
+    no_k = quantize(torch.empty(5, 0), 64)  # (N=5, K=0)
+    bias = randn(5, seed=16)
+    assert torch.equal(kernels.nf4_matmul(randn(3, 0, seed=0), no_k, bias), bias.expand(3, 5))
+    assert torch.equal(kernels.nf4_matmul(randn(2, 3, 0, seed=0), no_k), torch.zeros(2, 3, 5, device=DEVICE))
+    assert kernels.nf4_matmul_grad(randn(3, 5, seed=0), no_k).shape == (3, 0)
+    no_n = quantize(torch.empty(0, 4), 64)  # (N=0, K=4)
+    assert torch.equal(kernels.nf4_matmul_grad(randn(3, 0, seed=0), no_n), torch.zeros(3, 4, device=DEVICE))
+    assert kernels.nf4_matmul(randn(3, 4, seed=0), no_n).shape == (3, 0)
+
+
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the same values, stored every other element of a bigger buffer (not contiguous)."""
+    wide = torch.zeros(t.numel(), 2, dtype=t.dtype, device=t.device)
+    wide[:, 0] = t.reshape(-1)
+    return wide[:, 0].reshape(t.shape) if t.dim() else wide[0, 0]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_noncontiguous_nf4_tensors(double_quant: bool) -> None:
+    """An NF4Tensor whose packed bytes / scales are strided views (e.g. sliced out of a bigger state
+    dict) gives the same results as a contiguous one."""
+    q = quantize(randn(24, 64, seed=17), 32, double_quant)
+    strided = NF4Tensor(**{**q.__dict__, **{k: strided_copy(v) for k, v in q.tensors().items() if v.dim()}})
+    assert not strided.packed.is_contiguous() and not strided.absmax.is_contiguous()
+    assert torch.equal(kernels.nf4_dequantize(strided, torch.float32), dequantize_ref(q, torch.float32))
+    x, g = randn(3, 64, seed=18), randn(3, 24, seed=19)
+    assert torch.equal(kernels.nf4_matmul(x, strided), kernels.nf4_matmul(x, q))
+    assert torch.equal(kernels.nf4_matmul_grad(g, strided), kernels.nf4_matmul_grad(g, q))
 
 
 # ----------------------------------------------------------------------------- bad input

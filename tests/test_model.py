@@ -84,6 +84,15 @@ def test_apply_freezes_the_base_and_keeps_outputs(model):
     assert f"{expected:,}" in str(report) and "trainable%" in str(report)
 
 
+def test_layers_keep_the_mode_of_the_model(model):
+    lc.apply_lora(model, lc.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], dropout=0.5))
+    _randomize(model)
+    assert not any(m.training for m in model.modules())  # eval model: no adapter dropout
+    assert torch.equal(model(IDS), model(IDS))
+    model.train()
+    assert not torch.equal(model(IDS), model(IDS))  # dropout on the adapter input, as configured
+
+
 def test_target_forms(model):
     assert find_targets(model, lc.LoraConfig(target_modules=r"layers\.[02]\.k_proj")) == [
         "layers.0.k_proj", "layers.2.k_proj",
@@ -140,6 +149,7 @@ def test_merge_unmerge_unload(model):
     assert set(plain.state_dict()) == set(Tiny().state_dict())
     assert all(p.requires_grad for p in plain.parameters())  # as before apply_lora
     assert type(plain.layers[0].q_proj) is nn.Linear
+    assert not any(m.training for m in plain.modules())  # the model was in eval mode; it stays there
     assert_close(plain(IDS).detach(), y)
     with pytest.raises(ValueError, match="no LoRA layers"):
         lc.merge_lora(plain)

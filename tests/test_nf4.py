@@ -92,6 +92,35 @@ def test_quantize_dequantize_quantize_is_idempotent(w: torch.Tensor, double_quan
         assert torch.equal(dequantize_nf4(q2), dequantize_nf4(q1))
 
 
+def assert_same_nf4(a, b) -> None:
+    """Every field equal, to the byte (same dtypes too)."""
+    meta = ("shape", "dtype", "block_size", "nested_block_size")
+    assert [getattr(a, k) for k in meta] == [getattr(b, k) for k in meta]
+    ta, tb = a.tensors(), b.tensors()
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("chunk", [16, 64, 100, 192])
+def test_chunked_quantize_is_byte_identical(chunk: int, double_quant: bool, dtype: torch.dtype, rng) -> None:
+    """Quantizing in small steps gives the one-pass result: 64·7 + 13 elements (odd, a partial last block,
+    steps that are 1, 3 and not a whole number of blocks); rows of wildly different scale; a 2-D input
+    that is not contiguous."""
+    w = torch.randn(64 * 7 + 13, generator=rng) * torch.exp(3 * torch.randn(1, generator=rng))
+    w[64:128] *= 1e4  # one block far larger than the rest
+    w = w.to(dtype)
+    one_pass = quantize_nf4(w, 32, double_quant, _chunk=1 << 30)
+    chunked = quantize_nf4(w, 32, double_quant, _chunk=chunk)
+    assert one_pass.packed.numel() == (64 * 7 + 14) // 2 and one_pass.absmax.numel() == 15
+    assert_same_nf4(chunked, one_pass)
+    w2 = torch.randn(40, 30, generator=rng).to(dtype).T  # (30, 40), non-contiguous
+    expected = quantize_nf4(w2.contiguous(), 16, double_quant)
+    assert_same_nf4(quantize_nf4(w2, 16, double_quant, _chunk=48), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dtypes_and_default_dequantize_dtype(dtype: torch.dtype, rng) -> None:
     w = torch.randn(8, 24, generator=rng).to(dtype)

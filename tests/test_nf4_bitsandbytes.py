@@ -46,6 +46,8 @@ def check_against_bnb(w: torch.Tensor, block_size: int) -> None:
     assert torch.equal(q.packed, packed.reshape(-1))
     assert torch.equal(q.absmax, state.absmax)
     assert torch.equal(dequantize_nf4(q), bnb_dequantize(packed, state, tuple(w.shape)))
+    one_block_steps = quantize_nf4(w, block_size, double_quant=False, _chunk=block_size)  # bounded memory
+    assert torch.equal(one_block_steps.packed, q.packed) and torch.equal(one_block_steps.absmax, q.absmax)
 
     packed2, state2 = bnb_quantize(w, block_size, double_quant=True)
     q2 = quantize_nf4(w, block_size, double_quant=True)

@@ -144,3 +144,19 @@ def test_trainable_counts_equal_peft(bases, name, kwargs):
     assert ours.trainable == trainable
     if "task_type" not in kwargs:  # PEFT keeps a second copy of modules_to_save, so only then totals differ
         assert ours.total == total
+
+
+def test_all_linear_with_layers_to_transform_loads_in_peft(bases, tmp_path):
+    # PEFT's LoraConfig refuses a string target with layers_to_transform; "all-linear" is saved resolved.
+    base = bases["llama"]
+    cfg = lc.LoraConfig(r=4, alpha=8, target_modules="all-linear", layers_to_transform=[1])
+    model = lc.apply_lora(copy.deepcopy(base), cfg)
+    torch.manual_seed(3)
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_B.weight, std=0.2)
+    assert {p.split(".")[2] for p, _ in lora_layers(model)} == {"1"}
+    lc.save_adapter(model.eval(), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(theirs), _logits(model))
+    back = lc.load_adapter(copy.deepcopy(base), tmp_path)
+    assert [p for p, _ in lora_layers(back)] == [p for p, _ in lora_layers(model)]

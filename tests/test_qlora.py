@@ -164,6 +164,8 @@ def test_bad_input_to_nf4_linear() -> None:
         nf4_linear(torch.randn(2, 8), q, torch.zeros(5))
     with pytest.raises(TypeError, match="NF4Tensor"):
         nf4_linear(torch.randn(2, 8), torch.randn(4, 8))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor, got torch\.int64"):
+        nf4_linear(torch.ones(2, 8, dtype=torch.long), q)  # was: W rounded to integers, silently
 
 
 def test_apply_lora_nf4_end_to_end(tmp_path) -> None:
