@@ -8,7 +8,7 @@ weight, so the LoRA/rsLoRA/DoRA/PiSSA math is shared unchanged:
     base_forward(x)     → autograd.nf4_linear (saves only the packed weight; grad_x = grad_out · dequant(W))
     base_weight(dtype)  → dequantize_nf4
     set_base_weight(w)  → requantize, and record the error (merging into 4 bits is lossy: PEFT only warns)
-    unload(dequantize)  → a dense merged layer (exact), or a frozen ``NF4Linear`` (requantized)
+    unload(dequantize)  → a dense merged layer (exact, unless already merged), or a frozen ``NF4Linear``
 
 Checkpoints use bitsandbytes' names: the module's ``weight`` key holds the packed bytes ``(ceil(n/2), 1)``
 and ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
@@ -195,14 +195,28 @@ class QLoRALinear(_NF4WeightMixin, LoRALinear):
     @torch.no_grad()
     def unload(self, dequantize: bool = False) -> nn.Module:
         """The merged plain layer. ``dequantize=True``: a dense ``nn.Linear`` (or the base's class) holding
-        ``dequant(W) + s·BA`` exactly (no requantization); ``False``: a frozen `NF4Linear` (requantized)."""
+        ``dequant(W) + s·BA`` exactly (no requantization); ``False``: a frozen `NF4Linear` (requantized).
+
+        On a layer that is already merged, ``dequantize=True`` cannot be exact: `merge` wrote
+        ``requantize(dequant(W) + s·BA)`` into the 4-bit base and the exact sum was not kept (nor the
+        pre-merge base, so unmerging is lossy too). It then returns ``dequant`` of what the base holds and
+        warns with the error `merge` recorded (`requantization_error`). Unload an unmerged layer for the
+        exact result."""
         q = self._nf4
         assert q is not None
         if not dequantize:
             if not self.merged:
                 self.merge()
             return NF4Linear(self._nf4, self.bias)  # type: ignore[arg-type]
-        if self.merged:
+        if self.merged:  # the exact merge is gone: say so rather than hand back a silently lossy weight
+            err = "unknown" if self.requantization_error is None else f"{self.requantization_error:.3g}"
+            warnings.warn(
+                "unload(dequantize=True) on an already merged QLoRALinear returns the requantized merge, not "
+                f"the exact one: requantization error max |ΔW| = {err}; unload "
+                "before merging for the exact dequant(W) + s·BA",
+                UserWarning,
+                stacklevel=2,
+            )
             w = self.base_weight()
         else:  # run LoRALinear.merge's math (DoRA included) but catch the dense result
             self._capture = []

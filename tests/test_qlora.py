@@ -156,6 +156,21 @@ def test_merge_warns_with_error_and_unload() -> None:
         assert torch.equal(frozen(x), q(x))
 
 
+def test_unload_dequantize_of_a_merged_layer_warns_and_returns_the_requantized_merge() -> None:
+    """Once merged, the NF4 base holds requantize(W + sBA) and the exact sum is gone: unload(dequantize=True)
+    returns dequant of that (documented) and says so, with the error recorded at merge time."""
+    q, d = make_pair(64, 32, 4, use_dora=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.merge()
+    held = dequantize_nf4(q.weight)  # (out, in): what the 4-bit base holds after the merge
+    with pytest.warns(UserWarning, match=r"already merged.*requantization error max \|ΔW\| = [0-9.e-]+"):
+        dense = q.unload(dequantize=True)
+    assert torch.equal(dense.weight.detach(), held)
+    d.merge()  # the exact merge, in float32
+    assert not torch.equal(dense.weight.detach(), d.weight.detach())  # so the result is not the exact one
+
+
 def test_bad_input_to_nf4_linear() -> None:
     q = quantize_nf4(torch.randn(4, 8))
     with pytest.raises(ValueError, match="features"):
