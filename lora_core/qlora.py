@@ -84,6 +84,19 @@ class _NF4WeightMixin:
             elif key in ours and ours[key].is_floating_point():  # a dense base checkpoint: quantize it
                 w = ours[key].T if getattr(self, "fan_in_fan_out", False) else ours[key]
                 q = quantize_nf4(w.to(current.dtype), current.block_size, current.double_quant)
+            elif key in ours:  # packed codes (or other integers) without the blob that says how to read them
+                fp4 = f"{key}.quant_state.bitsandbytes__fp4"
+                why = (
+                    f"{fp4!r} says FP4, which is not supported (NF4 only)"
+                    if fp4 in ours
+                    else f"there is no '{key}.quant_state.bitsandbytes__nf4' entry (the quant-state blob "
+                    "with its shape, dtype and block size), so it cannot be read as NF4; nor is it a dense "
+                    "floating-point weight to quantize"
+                )
+                error_msgs.append(
+                    f"{key}: present ({ours[key].dtype}, {tuple(ours[key].shape)}) but unusable: {why}"
+                )
+                return
             else:
                 missing_keys.append(key)
                 return

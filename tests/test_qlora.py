@@ -133,6 +133,22 @@ def test_state_dict_uses_bitsandbytes_names_and_round_trips() -> None:
     assert torch.equal(dequantize_nf4(other.weight), dequantize_nf4(quantize_nf4(dense.weight.detach())))
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_packed_weight_without_its_quant_state_is_reported_as_unusable_not_missing(strict: bool) -> None:
+    q, _ = make_pair(40, 24, 2, use_dora=False)
+    state = q.state_dict()
+    del state["weight.quant_state.bitsandbytes__nf4"]  # the uint8 codes are there, the blob is not
+    other, _ = make_pair(40, 24, 2, use_dora=False, seed=9)
+    before = other.weight.packed.clone()
+    with pytest.raises(RuntimeError) as info:
+        other.load_state_dict(state, strict=strict)
+    message = str(info.value)
+    assert "weight: present (torch.uint8" in message
+    assert "no 'weight.quant_state.bitsandbytes__nf4' entry" in message
+    assert "Missing key" not in message  # it is there; it just cannot be read
+    assert torch.equal(other.weight.packed, before)  # nothing half-loaded
+
+
 def test_merge_warns_with_error_and_unload() -> None:
     q, d = make_pair(64, 32, 4, use_dora=False)
     x = torch.randn(5, 64)
