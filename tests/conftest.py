@@ -3,6 +3,9 @@
 - Hypothesis: profile ``ci`` (bounded, used when ``CI`` is set) or ``dev`` (more examples); override with
   ``HYPOTHESIS_PROFILE=name``. Deadlines are off: the first call of a kernel compiles or interprets it.
 - Tolerances per dtype live in ``lora_core.testing`` (``assert_close``, ``tolerance``), defined once.
+- Order independence: every test starts from the same global RNG state (torch, Python, NumPy seeded) and
+  gets torch's thread count and default dtype back afterwards, so no result depends on which tests ran
+  before it.
 - ``@pytest.mark.gpu``: skipped without CUDA.
 - ``@pytest.mark.triton``: runs Triton kernels. Without CUDA they run on the CPU through Triton's
   interpreter (``TRITON_INTERPRET=1`` is set below, before anything imports Triton); skipped when Triton is
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -42,6 +47,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "triton" in item.keywords and not HAS_TRITON:
             item.add_marker(skip_triton)
+
+
+@pytest.fixture(autouse=True)
+def _same_global_state_for_every_test() -> Iterator[None]:
+    """Seed the global RNGs before each test and restore torch's thread count and default dtype after it."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
 
 
 @pytest.fixture

@@ -37,8 +37,8 @@ def test_sigkill_then_resume_gives_the_same_final_weights(tmp_path: Path) -> Non
         "--checkpoint-every",
         "3",
         "--print-steps",
-        "--sleep",
-        "0.2",
+        "--hang-after",
+        "5",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:

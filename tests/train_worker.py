@@ -1,8 +1,9 @@
 """A real training process for the resume and DDP tests (run as a script, alone or under torchrun).
 
 Trains the tiny model (with LoRA adapters when lora_core has them, else all its weights) on a fixed text
-and writes the trained parameters to ``OUT/final.safetensors`` (rank 0). ``--sleep`` slows each step so a
-test can kill the process mid-run; ``--print-steps`` prints ``step N`` after every optimizer step.
+and writes the trained parameters to ``OUT/final.safetensors`` (rank 0). ``--sleep`` slows each step;
+``--print-steps`` prints ``step N`` after every optimizer step; ``--hang-after N`` waits after step N, so a
+test can kill the process there whatever the machine's load.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--print-steps", action="store_true")
+    ap.add_argument("--hang-after", type=int, default=None, help="after this step, wait to be killed")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -50,6 +52,8 @@ def main() -> None:
         if args.print_steps:
             print(f"step {step}", flush=True)
         time.sleep(args.sleep)
+        if step == args.hang_after:  # the test kills us here: never mid-write, however loaded the machine
+            time.sleep(600)
 
     cfg = lc.TrainConfig(
         output_dir=out / "run",
