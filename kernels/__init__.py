@@ -30,7 +30,11 @@ import importlib
 import os
 from typing import Any
 
-__all__: list[str] = ["interpreter_active", "nf4_dequantize", "nf4_matmul", "nf4_matmul_grad"]
+__all__: list[str] = ["FUSED_MAX_M", "interpreter_active", "nf4_dequantize", "nf4_matmul", "nf4_matmul_grad"]
+
+# Rows of x up to which `nf4_matmul` runs the fused kernel (it reads only the packed bytes); above it,
+# dequantize + cuBLAS (tensor-core bound). Owned here, read by `nf4_gemm` and by `lora_core.dispatch`.
+FUSED_MAX_M = 64
 
 # public name -> the submodule that defines it (imported, with triton, on first use). The modules are
 # named unlike the functions: the import system binds a submodule as an attribute of its package, which

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from lora_core.kernels import FUSED_MAX_M
 from lora_core.kernels.nf4_dequant import (
     block_absmax,
     check_device,
@@ -52,7 +53,6 @@ from lora_core.kernels.nf4_dequant import (
 
 from lora_core.nf4 import NF4Tensor
 
-FUSED_MAX_M = 64  # rows of x up to which the fused kernel runs; above: dequantize + cuBLAS
 _PROGRAMS_PER_SM = 4  # ~4 resident programs per SM keep enough 16-byte loads in flight
 _MIN_ITERS_PER_SPLIT = 4  # a K slice spans at least this many BLOCK_K tiles
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

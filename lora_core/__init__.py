@@ -13,7 +13,8 @@ from lora_core.autograd import nf4_linear
 from lora_core.checkpoint import load_bnb_checkpoint, load_quantized, read_bnb_state_dict, save_quantized
 from lora_core.config import LoraConfig
 from lora_core.data import PackedDataset, load_dataset
-from lora_core.fused import fused_dora_linear, fused_lora_linear, fused_mode
+from lora_core.dispatch import fused_mode
+from lora_core.fused import fused_dora_linear, fused_lora_linear
 from lora_core.layers import LoRALinear
 from lora_core.losses import causal_lm_hidden_and_head, causal_lm_loss, chunked_causal_lm_loss
 from lora_core.model import (

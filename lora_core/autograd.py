@@ -1,4 +1,4 @@
-"""Autograd for a frozen NF4 base weight: THE one place that picks a Triton kernel or the reference.
+"""Autograd for a frozen NF4 base weight: ``nf4_linear``, differentiable in ``x`` and the bias.
 
 Forward and backward of ``y = x Wᵀ + b`` with ``W = dequant(q)`` frozen (QLoRA, Dettmers et al. 2023):
 
@@ -11,8 +11,8 @@ Between forward and backward only the packed `NF4Tensor` is kept (≈0.52 byte/p
 copy: backward dequantizes again (inside the kernel on a GPU). Nothing is cached across calls, so a
 forward under ``eval()`` or ``torch.no_grad()`` cannot leave stale state that a later training step reads.
 
-Dispatch: CUDA tensors go to ``lora_core.kernels.nf4_matmul`` / ``nf4_matmul_grad`` (imported on first
-use, so a CPU-only install never imports Triton); everything else goes to the references in `nf4`.
+Which implementation computes the products (Triton kernel, dequantize + cuBLAS, or the reference) is
+``lora_core.dispatch``'s decision (`dispatch.nf4_matmul` / `dispatch.nf4_matmul_grad`).
 """
 
 from __future__ import annotations
@@ -21,25 +21,8 @@ from typing import Any
 
 import torch
 
-from lora_core.nf4 import NF4Tensor, nf4_matmul_grad_ref, nf4_matmul_ref
-
-
-def dispatch_nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x · dequant(q)ᵀ (+ bias)``: the Triton kernel for CUDA tensors, the reference for the rest."""
-    if x.is_cuda:
-        from lora_core.kernels import nf4_matmul  # lazy: Triton loads only on a GPU
-
-        return nf4_matmul(x, q, bias)
-    return nf4_matmul_ref(x, q, bias)
-
-
-def dispatch_nf4_matmul_grad(grad_out: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
-    """``grad_out · dequant(q)`` (the input gradient), dispatched like ``dispatch_nf4_matmul``."""
-    if grad_out.is_cuda:
-        from lora_core.kernels import nf4_matmul_grad
-
-        return nf4_matmul_grad(grad_out, q)
-    return nf4_matmul_grad_ref(grad_out, q)
+from lora_core import dispatch
+from lora_core.nf4 import NF4Tensor
 
 
 class NF4LinearFunction(torch.autograd.Function):
@@ -49,14 +32,14 @@ class NF4LinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, q: NF4Tensor) -> torch.Tensor:
         ctx.q = q  # the packed container itself: no copy, no dequantized weight
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return dispatch_nf4_matmul(x, q, None if bias is None else bias.to(x.dtype))  # (..., out)
+        return dispatch.nf4_matmul(x, q, None if bias is None else bias.to(x.dtype))  # (..., out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = dispatch_nf4_matmul_grad(grad_out, ctx.q)  # (..., in)
+            grad_x = dispatch.nf4_matmul_grad(grad_out, ctx.q)  # (..., in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)  # (out,)
         return grad_x, grad_bias, None

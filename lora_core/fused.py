@@ -42,108 +42,21 @@ adapter Parameters themselves, an int seed (the dropout mask is regenerated from
 for DoRA ``g``/``‖V‖`` (out,) plus the output ``y`` (no dropout: the same storage the caller holds) or
 ``w`` (M, out) (dropout). Never a dequantized weight, never a second copy of ``x``.
 
-Dispatch (the one place): `use_fused` — CUDA tensors take this path, CPU tensors the reference formula in
-``LoRALinear``; `fused_mode("always" | "never")` overrides it (tests run the fused math on CPU in float64).
+The frozen ``W₀`` comes in as a base object (``lora_core.bases``: dense or NF4, one protocol). Whether a
+layer takes this path is ``lora_core.dispatch``'s decision (CUDA inputs do; `fused_mode("always")` makes
+the tests run the fused math on CPU in float64). The Functions compute in ``x``'s dtype: under autocast
+the layer hands them ``x`` already cast to autocast's dtype.
 """
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-# ---- base ops: the frozen matmul, dense or NF4 -------------------------------------------------------
-
-# Above this many rows an NF4 product is tensor-core bound: dequantize once (one streaming pass) and let
-# cuBLAS accumulate into `out`. Below it the fused kernel, which reads only the packed bytes, wins. Same
-# cross-over as lora_core.kernels.nf4_gemm.FUSED_MAX_M (M = r = 16 for DoRA's A W₀ᵀ stays fused).
-_NF4_DEQUANT_MIN_M = 64
-
-
-class BaseOp(Protocol):
-    """The frozen ``W₀`` (out, in) as three products; no method returns or keeps a dequantized weight."""
-
-    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor: ...  # x W₀ᵀ (+ b), (M, out)
-
-    def matmul_acc(self, out: Tensor, x: Tensor) -> Tensor: ...  # out += x W₀ᵀ, in place
-
-    def matmul_grad_acc(self, out: Tensor, g: Tensor) -> Tensor: ...  # out += g W₀, in place
-
-    def row_sqnorm(self) -> Tensor: ...  # ‖W₀_i‖², float32 or float64, (out,)
-
-    def cache_key(self) -> tuple[Any, ...]: ...  # changes whenever W₀ does
-
-
-@dataclass(frozen=True)
-class DenseBase:
-    """A dense frozen weight, (out, in) — possibly a transposed view (GPT-2 ``Conv1D``): cuBLAS takes
-    either layout without a copy."""
-
-    weight: Tensor  # (out, in)
-
-    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        return F.linear(x, self.weight, bias)
-
-    def matmul_acc(self, out: Tensor, x: Tensor) -> Tensor:
-        return out.addmm_(x, self.weight.T)  # beta = 1: the add rides in the GEMM epilogue
-
-    def matmul_grad_acc(self, out: Tensor, g: Tensor) -> Tensor:
-        return out.addmm_(g, self.weight)
-
-    def row_sqnorm(self) -> Tensor:
-        acc = torch.promote_types(self.weight.dtype, torch.float32)
-        return torch.linalg.vector_norm(self.weight, dim=1, dtype=acc).square()
-
-    def cache_key(self) -> tuple[Any, ...]:
-        w = self.weight
-        return (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype, w.device)
-
-
-@dataclass(frozen=True)
-class NF4Base:
-    """A frozen NF4 weight (``lora_core.nf4.NF4Tensor``, (out, in)). On CUDA the products go through the
-    Triton kernels (``lora_core.autograd``'s dispatch); on CPU through the references."""
-
-    q: Any  # NF4Tensor; typed loosely so this module imports without the NF4 code
-
-    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        from lora_core.autograd import dispatch_nf4_matmul  # the NF4 kernel/reference dispatch point
-
-        return dispatch_nf4_matmul(x, self.q, bias)
-
-    def matmul_acc(self, out: Tensor, x: Tensor) -> Tensor:
-        if x.is_cuda and x.shape[0] > _NF4_DEQUANT_MIN_M:  # training-sized M: a transient bf16 W, cuBLAS
-            from lora_core.kernels import nf4_dequantize
-
-            return out.addmm_(x, nf4_dequantize(self.q, x.dtype).T)
-        return out.add_(self.matmul(x))
-
-    def matmul_grad_acc(self, out: Tensor, g: Tensor) -> Tensor:
-        if g.is_cuda and g.shape[0] > _NF4_DEQUANT_MIN_M:
-            from lora_core.kernels import nf4_dequantize
-
-            return out.addmm_(g, nf4_dequantize(self.q, g.dtype))
-        from lora_core.autograd import dispatch_nf4_matmul_grad
-
-        return out.add_(dispatch_nf4_matmul_grad(g, self.q))
-
-    def row_sqnorm(self) -> Tensor:
-        from lora_core.nf4 import dequantize_nf4
-
-        acc = torch.promote_types(self.q.dtype, torch.float32)
-        w = dequantize_nf4(self.q, self.q.dtype)  # once per cache fill, freed at once, never saved
-        return torch.linalg.vector_norm(w, dim=1, dtype=acc).square()
-
-    def cache_key(self) -> tuple[Any, ...]:
-        p = self.q.packed
-        return (id(self.q), p.data_ptr(), p._version, p.device)
-
+from lora_core.bases import DenseBase, FrozenBase
 
 # ---- dropout regenerated from a seed ------------------------------------------------------------------
 
@@ -178,7 +91,7 @@ class LoraSpec:
         w0_sqnorm: DoRA only: ``‖W₀_i‖²`` (out,), float32/float64 — the constant part of the row norms.
     """
 
-    base: BaseOp
+    base: FrozenBase
     scaling: float
     dropout: float = 0.0
     seed: int = 0
@@ -257,7 +170,7 @@ def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # aten::mm.dtype (torch ≥ 2.8)
 
 
-def dora_row_norm(base: BaseOp, lora_A: Tensor, lora_B: Tensor, scaling: float, w0_sqnorm: Tensor,
+def dora_row_norm(base: FrozenBase, lora_A: Tensor, lora_B: Tensor, scaling: float, w0_sqnorm: Tensor,
                   compute_dtype: torch.dtype) -> Tensor:  # fmt: skip
     """``‖W₀ + s·BA‖`` per output row (out,), in ``w0_sqnorm``'s dtype, without forming the (out, in) sum:
 
@@ -274,15 +187,15 @@ def dora_row_norm(base: BaseOp, lora_A: Tensor, lora_B: Tensor, scaling: float, 
     a = lora_A.to(acc)  # (r, in)
     b = lora_B.to(acc)  # (out, r)
     if compute_dtype == lora_A.dtype:
-        aw = base.matmul(lora_A).to(acc)  # (r, out)
+        aw = base.forward(lora_A, None).to(acc)  # (r, out)
     else:
         hi = lora_A.to(compute_dtype)
         lo = (lora_A - hi.to(lora_A.dtype)).to(compute_dtype)
         hilo = torch.cat([hi, lo])  # (2r, in)
         if isinstance(base, DenseBase):
-            both = _mm_to(hilo, base.weight.T, acc)  # (2r, out)
+            both = _mm_to(hilo, base.dense_weight().T, acc)  # (2r, out)
         else:
-            both = base.matmul(hilo).to(acc)
+            both = base.forward(hilo, None).to(acc)
         aw = both[:r] + both[r:]
     cross = (b * aw.T).sum(1)  # (out,)
     quad = ((b @ (a @ a.T)) * b).sum(1)  # (out,)
@@ -421,7 +334,7 @@ def _check(x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scali
 
 def fused_lora_linear(
     x: Tensor,  # (..., in)
-    base: BaseOp,
+    base: FrozenBase,
     lora_A: Tensor,  # (r, in)
     lora_B: Tensor,  # (out, r)
     bias: Tensor | None = None,  # (out,)
@@ -434,7 +347,7 @@ def fused_lora_linear(
 
     Args:
         x: input, the compute dtype (adapters are cast to it for the products; grads come back in theirs).
-        base: the frozen weight as a `BaseOp` (`DenseBase(W)` or `NF4Base(q)`).
+        base: the frozen weight, a ``lora_core.bases`` base (`DenseBase(W)` or `NF4Base(q)`).
         lora_A, lora_B, bias: adapter factors and the (frozen or trainable) bias.
         scaling: ``s``. dropout: ``p`` (0: none). seed: the mask's seed; drawn from the CPU RNG if None.
     """
@@ -445,7 +358,7 @@ def fused_lora_linear(
 
 def fused_dora_linear(
     x: Tensor,  # (..., in)
-    base: BaseOp,
+    base: FrozenBase,
     lora_A: Tensor,  # (r, in)
     lora_B: Tensor,  # (out, r)
     magnitude: Tensor,  # (out,)
@@ -472,85 +385,12 @@ def fused_dora_linear(
     return DoRALinearFunction.apply(x, lora_A, lora_B, magnitude, bias, spec)
 
 
-# ---- the dispatch point used by LoRALinear.forward ----------------------------------------------------
-
-_MODES = ("auto", "always", "never")
-_mode = "auto"
-
-
-@contextlib.contextmanager
-def fused_mode(mode: str) -> Iterator[None]:
-    """Choose the path of ``LoRALinear.forward`` inside the block: ``"auto"`` (fused on CUDA, reference
-    elsewhere), ``"always"`` (fused on any device: how the tests check it on CPU) or ``"never"``."""
-    global _mode
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
-    previous, _mode = _mode, mode
-    try:
-        yield
-    finally:
-        _mode = previous
-
-
-def use_fused(layer: Any, x: Tensor) -> bool:
-    """Whether ``layer(x)`` takes the fused Function: CUDA input (or mode "always"), an unmerged layer with
-    a fusable, frozen base, no autocast (the reference's ops follow autocast's casting rules; ours would
-    not). A base weight that requires grad (the user unfroze it) takes the reference: the Function treats
-    W₀ as a constant and would silently drop its gradient."""
-    if _mode == "never" or layer.merged or not (x.is_cuda or _mode == "always"):
-        return False
-    if torch.is_autocast_enabled(x.device.type) or not x.is_floating_point():
-        return False
-    base = layer.base_op()
-    if base is None:
-        return False
-    if isinstance(base, DenseBase):
-        if base.weight.dtype != x.dtype:
-            return False  # the reference raises its usual dtype error
-        if base.weight.requires_grad and torch.is_grad_enabled():
-            return False  # W₀ is no input of the Function: autograd must see it
-    return True
-
-
-# ‖W₀_i‖² per layer, with the key it was computed for; weak keys so a dropped layer drops its entry.
-_SQNORMS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], Tensor]] = weakref.WeakKeyDictionary()
-
-
-def _w0_sqnorm(layer: Any, base: BaseOp) -> Tensor:
-    key = base.cache_key()
-    hit = _SQNORMS.get(layer)
-    if hit is None or hit[0] != key:
-        hit = (key, base.row_sqnorm().detach())
-        _SQNORMS[layer] = hit
-    return hit[1]
-
-
-def lora_layer_forward(layer: Any, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-    """``LoRALinear.forward`` through the fused Functions (the caller checked `use_fused`)."""
-    base = layer.base_op()
-    drop = layer.lora_dropout
-    p = float(drop.p) if layer.training and isinstance(drop, torch.nn.Dropout) else 0.0
-    a, b = layer.lora_A.weight, layer.lora_B.weight
-    if not layer.use_dora:
-        return fused_lora_linear(x, base, a, b, layer.bias, scaling=layer.scaling, dropout=p)
-    return fused_dora_linear(
-        x, base, a, b, layer.lora_magnitude_vector, layer.bias, scaling=layer.scaling, dropout=p,
-        w0_sqnorm=_w0_sqnorm(layer, base),
-    )  # fmt: skip
-
-
 __all__ = [
-    "BaseOp",
-    "DenseBase",
     "DoRALinearFunction",
     "LoRALinearFunction",
     "LoraSpec",
-    "NF4Base",
     "dora_row_norm",
     "dropout_mask",
     "fused_dora_linear",
     "fused_lora_linear",
-    "fused_mode",
-    "lora_layer_forward",
-    "use_fused",
 ]

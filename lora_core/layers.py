@@ -1,23 +1,25 @@
-"""``LoRALinear``: a frozen linear layer plus a trainable low-rank update (LoRA, rsLoRA, DoRA, PiSSA init).
+"""``LoRALinear``: a frozen linear map plus a trainable low-rank update (LoRA, rsLoRA, DoRA, PiSSA init).
 
     y = x W₀ᵀ + b + s · (drop(x) Aᵀ) Bᵀ            A: (r, in), B: (out, r), s = α/r  (rsLoRA: α/√r)
 
 DoRA (Liu et al. 2024) rescales each output row of ``W₀ + sBA`` to a learned magnitude ``m``; see
-``lora_core.reference`` for the formula this layer computes (PEFT's, so adapters are interchangeable).
+``lora_core.reference`` for the formulas (PEFT's, so adapters are interchangeable).
 
-State-dict keys stay where the base module had them: the frozen weight is this module's own ``weight``
-(stored as the base stored it: (out, in) for ``nn.Linear``, (in, out) for GPT-2's ``Conv1D`` with
-``fan_in_fan_out=True``) and ``bias``; the adapter adds ``lora_A.weight`` (r, in), ``lora_B.weight``
-(out, r) and, for DoRA, ``lora_magnitude_vector`` (out,) — PEFT's saved names.
+The layer *holds* its frozen ``W₀`` as a base object (``lora_core.bases``: `DenseBase`, or `NF4Base` for
+QLoRA) and the adapter; it never reaches into the weight itself::
 
-Everything that touches the frozen weight goes through four hooks, so a subclass can store it differently
-(``lora_core.qlora.QLoRALinear`` keeps it in NF4) without changing the LoRA math:
+    LoRALinear ─┬─ base: DenseBase | NF4Base     x W₀ᵀ + b, products for the fused path, W₀ on request
+                ├─ bias (out,)                   the base module's own Parameter
+                └─ lora_A (r, in), lora_B (out, r), lora_magnitude_vector (out,) DoRA, lora_dropout
 
-    base_forward(x)      x W₀ᵀ + b                      base_weight(dtype)   W₀ as (out, in)
-    set_base_weight(w)   W₀ ← w, w given as (out, in)   unload(dequantize)   the plain merged module
+Each call goes one of two ways, as ``lora_core.dispatch.plan_lora`` decides: the fused autograd Function
+(``lora_core.fused``; CUDA) or the reference formula (``lora_core.reference``; everywhere else). Merging
+uses one pure function, ``reference.merged_weight``, for `merge` and `unload` alike.
 
-and ``base_op()`` hands the fused path (``lora_core.fused``: one autograd Function per layer, the default
-on CUDA) the frozen product as an object; ``None`` keeps a subclass on this module's reference path.
+State-dict keys stay where the base module had them: ``weight`` (stored as the base stored it: (out, in)
+for ``nn.Linear``, (in, out) for GPT-2's ``Conv1D``; NF4 bases use bitsandbytes' keys) and ``bias``; the
+adapter adds ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r) and, for DoRA,
+``lora_magnitude_vector`` (out,) — PEFT's saved names.
 """
 
 from __future__ import annotations
@@ -27,32 +29,11 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_core import fused
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's ``Conv1D`` (a linear layer storing its weight as (in, out)), recognised without importing
-    transformers: the class name, an ``nf`` (= out features) attribute and a 2-D weight."""
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and hasattr(module, "nf")
-        and isinstance(weight, Tensor)
-        and weight.ndim == 2
-    )
-
-
-def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of an ``nn.Linear`` or ``Conv1D``; ``None`` for anything else."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if is_conv1d(module):
-        n_in, n_out = module.weight.shape
-        return int(n_in), int(n_out)
-    return None
+from lora_core import dispatch, reference
+from lora_core.bases import DenseBase, FrozenBase, HoldsFrozenBase, NF4Base, is_conv1d, linear_features
+from lora_core.fused import fused_dora_linear, fused_lora_linear
 
 
 def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
@@ -61,7 +42,7 @@ def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(HoldsFrozenBase):
     """A frozen linear map with a trainable low-rank update: ``x ↦ x W₀ᵀ + b + s·(drop(x) Aᵀ) Bᵀ``.
 
     Build it with :meth:`from_linear`. ``merge()`` folds ``s·BA`` (or DoRA's rescaled weight) into the
@@ -77,6 +58,8 @@ class LoRALinear(nn.Module):
         use_dora: weight-decomposed LoRA (Liu et al. 2024, "DoRA"), with a trainable magnitude (out,).
         fan_in_fan_out: the base stores its weight as (in, out) (GPT-2's ``Conv1D``). Corrected (with a
             warning) when it contradicts the module type, as PEFT does.
+        frozen: the frozen base to hold instead of ``base``'s dense weight (e.g. an `NF4Base`; that is all
+            `QLoRALinear` changes).
     """
 
     def __init__(
@@ -89,6 +72,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         use_dora: bool = False,
         fan_in_fan_out: bool = False,
+        frozen: FrozenBase | None = None,
     ) -> None:
         super().__init__()
         features = linear_features(base)
@@ -116,23 +100,23 @@ class LoRALinear(nn.Module):
         self.use_rslora, self.use_dora, self.fan_in_fan_out = use_rslora, use_dora, fan_in_fan_out
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
-        # How to rebuild the plain module in `unload` (its class and plain attributes such as `nf`).
-        self._base_class = type(base)
-        self._base_attrs = {k: v for k, v in vars(base).items() if not k.startswith("_") and k != "training"}
 
-        # Frozen base: the same Parameter objects, so the base's keys and any references to them survive.
-        self.weight = base.weight  # (out, in), or (in, out) with fan_in_fan_out
+        # The frozen base. A dense one keeps the module's own Parameter, registered here under `weight`
+        # (directly: `weight` is a property showing base.weight), so its key and every reference survive.
+        self.base = frozen if frozen is not None else DenseBase.adopt(base, fan_in_fan_out)
+        if isinstance(self.base, DenseBase):
+            self._parameters["weight"] = self.base.weight
         self.bias = base.bias  # (out,) or None
-        self.weight.requires_grad_(False)
 
-        dtype = adapter_dtype_for(self.weight.dtype)
-        device = self.weight.device
+        dtype = adapter_dtype_for(base.weight.dtype)
+        device = base.weight.device
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)  # weight (r, in)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)  # weight (out, r)
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
         self.register_buffer("_dora_merged_norm", None, persistent=False)
+        self._w0_sqnorm: tuple[tuple[Any, ...], Tensor] | None = None  # DoRA's ‖W₀_i‖², keyed by W₀
         # Take over the base's mode: a layer put into an eval model must not start applying dropout.
         self.train(base.training)
 
@@ -159,53 +143,13 @@ class LoRALinear(nn.Module):
         layer.reset_lora_parameters(init)
         return layer
 
-    # ---- the hooks: all access to the frozen weight goes through these ---------------------------------
-    def base_forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        """The frozen part, ``x W₀ᵀ + b``, computed exactly as the original module did."""
-        if self.fan_in_fan_out:  # Conv1D's own formula, so outputs match it bit for bit
-            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-            y = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
-
     def base_weight(self, dtype: torch.dtype | None = None) -> Tensor:  # (out, in)
-        """The dense frozen weight in (out, in) layout (a view when no cast is needed)."""
-        w = self.weight.T if self.fan_in_fan_out else self.weight
-        return w if dtype is None else w.to(dtype)
-
-    @torch.no_grad()
-    def set_base_weight(self, w: Tensor) -> None:
-        """Replace the frozen weight by ``w`` given as (out, in), in place (the Parameter object stays)."""
-        if tuple(w.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"w must have shape {(self.out_features, self.in_features)}, got {tuple(w.shape)}"
-            )
-        self.weight.copy_(w.T if self.fan_in_fan_out else w)
-
-    def base_op(self) -> fused.BaseOp | None:
-        """The frozen product for the fused Function: the dense weight (a view, no copy). A subclass that
-        overrides ``base_weight`` without ``base_op`` gets ``None``, i.e. the reference path."""
-        if type(self).base_weight is not LoRALinear.base_weight:
-            return None
-        return fused.DenseBase(self.base_weight())
+        """The dense frozen weight ``W₀`` in (out, in) layout (``self.base.dense_weight``)."""
+        return self.base.dense_weight(dtype)
 
     def delta_weight(self) -> Tensor:  # (out, in)
         """The low-rank update ``s · B A`` in the adapter's dtype."""
-        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
-
-    @torch.no_grad()
-    def unload(self, dequantize: bool = False) -> nn.Module:
-        """The plain module (the base's own class) holding the merged weight; the adapter is dropped.
-        ``dequantize`` matters only for quantized subclasses: the dense layer is dense already."""
-        if not self.merged:
-            self.merge()
-        plain = self._base_class.__new__(self._base_class)
-        nn.Module.__init__(plain)
-        plain.__dict__.update(self._base_attrs)
-        plain.weight = self.weight
-        plain.bias = self.bias
-        plain.train(self.training)  # nn.Module.__init__ left it in training mode
-        return plain
+        return reference.lora_delta_weight_ref(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     # ---- adapter initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,48 +177,88 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector.copy_(self._dora_norm(self.lora_A.weight.dtype))
 
     def _pissa_init(self) -> None:
-        work = torch.promote_types(self.base_weight().dtype, torch.float32)
-        w = self.base_weight(work)  # (out, in)
+        w = self.base.dense_weight()
+        w = w.to(torch.promote_types(w.dtype, torch.float32))  # (out, in)
         u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
         root = torch.sqrt(s_vals[: self.r] / self.scaling)  # (r,)
         a = root[:, None] * vh[: self.r]  # (r, in)
         b = u[:, : self.r] * root[None, :]  # (out, r)
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
-        self.set_base_weight((w - self.scaling * (b @ a)).to(self.weight.dtype))
+        self.base.set_dense_weight(w - self.scaling * (b @ a))
 
     def _dora_norm(self, dtype: torch.dtype) -> Tensor:  # (out,)
         """``‖W₀ + s·BA‖`` per output row, in ``dtype``, without gradient (DoRA §4.3)."""
-        with torch.no_grad():
-            w = self.base_weight(dtype)  # (out, in)
-            return torch.linalg.vector_norm(w + self.delta_weight().to(dtype), dim=1)
+        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        return reference.dora_weight_norm(self.base.dense_weight(dtype), a, b, self.scaling)
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        if fused.use_fused(self, x):  # THE dispatch point: CUDA → the fused Function; else the formula below
-            return fused.lora_layer_forward(self, x)
-        result = self.base_forward(x)  # (..., out)
+        plan = dispatch.plan_lora(self, x)
+        if plan.path == "fused":
+            return self._fused_forward(x, plan.dtype)
+        result = self.base.forward(x, self.bias)  # (..., out)
         if self.merged:
             return result
         xa = x.to(self.lora_A.weight.dtype)  # adapters may be float32 over a half-precision base
+        a, b = self.lora_A.weight, self.lora_B.weight
         if not self.use_dora:
-            lora = self.lora_B(self.lora_A(self.lora_dropout(xa))) * self.scaling  # (..., out)
+            lora = reference.lora_update(self.lora_dropout(xa), a, b, self.scaling)  # (..., out)
             return (result + lora).to(result.dtype)
-        return (result + self._dora_correction(xa, result)).to(result.dtype)
-
-    def _dora_correction(self, x: Tensor, result: Tensor) -> Tensor:  # (..., out)
-        """``(g − 1) ⊙ drop(x) W₀ᵀ + g ⊙ s·drop(x) AᵀBᵀ`` with ``g = m / ‖W₀ + s·BA‖_row`` (norm detached)."""
-        g = self.lora_magnitude_vector / self._dora_norm(x.dtype)  # (out,)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            xd = x
-            base = result if self.bias is None else result - self.bias  # x W₀ᵀ, reused
+            xd = xa
+            base_xd = result if self.bias is None else result - self.bias  # x W₀ᵀ, reused
         else:  # dropout changes the input, so W₀'s share must be recomputed on drop(x)
-            xd = self.lora_dropout(x)
-            base = F.linear(xd, self.base_weight(x.dtype))
-        lora = self.lora_B(self.lora_A(xd)) * self.scaling  # (..., out)
-        return (g - 1) * base + g * lora
+            xd = self.lora_dropout(xa)
+            base_xd = self.base.forward(xd.to(x.dtype), None).to(xd.dtype)
+        norm = self._dora_norm(xa.dtype)
+        dora = reference.dora_update(xd, base_xd, a, b, self.lora_magnitude_vector, norm, self.scaling)
+        return (result + dora).to(result.dtype)
 
-    # ---- merge / unmerge -------------------------------------------------------------------------------
+    def _fused_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The fused Function in ``dtype`` (x's, or autocast's: the inputs are cast as autocast would cast
+        them, and the Function runs with autocast off, computing exactly in that dtype)."""
+        base = self.base.cast(dtype)
+        drop = self.lora_dropout
+        p = float(drop.p) if self.training and isinstance(drop, nn.Dropout) else 0.0
+        a, b = self.lora_A.weight, self.lora_B.weight
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            if not self.use_dora:
+                return fused_lora_linear(x, base, a, b, self.bias, scaling=self.scaling, dropout=p)
+            return fused_dora_linear(
+                x, base, a, b, self.lora_magnitude_vector, self.bias, scaling=self.scaling, dropout=p,
+                w0_sqnorm=self._cached_w0_sqnorm(),
+            )  # fmt: skip
+
+    def _cached_w0_sqnorm(self) -> Tensor:  # (out,)
+        """``‖W₀_i‖²`` for DoRA's norm (from the stored W₀, before any autocast cast): constant while the
+        base is frozen, recomputed when W₀ changes."""
+        key = self.base.cache_key()
+        if self._w0_sqnorm is None or self._w0_sqnorm[0] != key:
+            self._w0_sqnorm = (key, self.base.row_sqnorm().detach())
+        return self._w0_sqnorm[1]
+
+    # ---- merge / unmerge / unload ----------------------------------------------------------------------
+    def _merged(self) -> tuple[Tensor, Tensor | None]:
+        """``reference.merged_weight`` of this layer, in float32 or wider: (W' (out, in), DoRA's norm)."""
+        w = self.base.dense_weight()
+        w = w.to(torch.promote_types(w.dtype, torch.float32))
+        m = self.lora_magnitude_vector if self.use_dora else None
+        return reference.merged_weight(w, self.lora_A.weight, self.lora_B.weight, self.scaling, m)
+
+    def _store(self, w: Tensor, what: str) -> None:
+        """Write ``w`` into the base; a base that cannot hold it exactly (NF4) reports the error: warn."""
+        err = self.base.set_dense_weight(w)
+        if err is not None:
+            warnings.warn(
+                f"{what} a 4-bit NF4 base requantizes it: requantization error max |ΔW| = {err:.3g}; "
+                "unload_lora(model, "
+                "dequantize=True) merges exactly into a dense layer",
+                UserWarning,
+                stacklevel=3,
+            )
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weight: ``W₀ ← W₀ + s·BA`` (DoRA: ``m ⊙ (W₀ + s·BA)/‖·‖_row``).
@@ -284,36 +268,65 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             raise ValueError("this LoRALinear is already merged; call unmerge() first")
-        work = torch.promote_types(self.base_weight().dtype, torch.float32)
-        v = self.base_weight(work) + self.delta_weight().to(work)  # (out, in)
-        if self.use_dora:
-            norm = torch.linalg.vector_norm(v, dim=1)  # (out,)
-            self._dora_merged_norm = norm  # needed to undo the rescaling exactly
-            v = (self.lora_magnitude_vector.to(work) / norm)[:, None] * v
-        self.set_base_weight(v.to(self.weight.dtype))
+        w, self._dora_merged_norm = self._merged()
+        self._store(w, "merging into")
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the adapter out of the base weight again (exact up to float rounding).
+        """Take the adapter out of the base weight again (exact up to float rounding for a dense base).
 
         Raises:
             ValueError: not merged.
         """
         if not self.merged:
             raise ValueError("this LoRALinear is not merged; nothing to unmerge")
-        work = torch.promote_types(self.base_weight().dtype, torch.float32)
-        w = self.base_weight(work)  # (out, in)
-        if self.use_dora:
-            w = w * (self._dora_merged_norm / self.lora_magnitude_vector.to(work))[:, None]
-            self._dora_merged_norm = None
-        self.set_base_weight((w - self.delta_weight().to(work)).to(self.weight.dtype))
+        w = self.base.dense_weight()
+        w = w.to(torch.promote_types(w.dtype, torch.float32))
+        m = self.lora_magnitude_vector if self.use_dora else None
+        a, b = self.lora_A.weight, self.lora_B.weight
+        w0 = reference.unmerged_weight(w, a, b, self.scaling, m, self._dora_merged_norm)
+        self._dora_merged_norm = None
+        self._store(w0, "unmerging from")
         self.merged = False
+
+    @torch.no_grad()
+    def unload(self, dequantize: bool = False) -> nn.Module:
+        """The plain module (the base's own class) holding the merged weight; the adapter is dropped.
+
+        A dense base merges in place and hands its Parameter to the plain module. An NF4 base gives, with
+        ``dequantize=True``, a dense module holding ``dequant(W) + s·BA`` exactly (`reference.merged_weight`,
+        never requantized); with ``False``, a frozen `NF4Linear` (requantized: lossy, warns). On an NF4 layer
+        that is already merged, ``dequantize=True`` cannot be exact (the exact sum was not kept): it returns
+        ``dequant`` of what the base holds and warns with the recorded error.
+        """
+        exact_dense = dequantize and isinstance(self.base, NF4Base)
+        if exact_dense and not self.merged:
+            weight: Tensor | None = self._merged()[0]
+        elif exact_dense:
+            err = self.base.requantization_error
+            err_text = "unknown" if err is None else f"{err:.3g}"
+            warnings.warn(
+                "unload(dequantize=True) on an already merged QLoRALinear returns the requantized merge, not "
+                f"the exact one: requantization error max |ΔW| = {err_text}; "
+                "unload before merging for the exact dequant(W) + s·BA",
+                UserWarning,
+                stacklevel=2,
+            )
+            weight = self.base.dense_weight()
+        else:
+            if not self.merged:
+                self.merge()
+            weight = None  # the base as it is stored now
+        return self.base.plain_module(weight, self.bias, self.training)
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.use_dora else "LoRA"
         return (
             f"{kind}: in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.lora_alpha:g}, scaling={self.scaling:.4g}, fan_in_fan_out={self.fan_in_fan_out}, "
-            f"merged={self.merged}"
+            f"merged={self.merged}, base={type(self.base).__name__}"
         )
+
+
+__all__ = ["LoRALinear", "adapter_dtype_for", "is_conv1d", "linear_features"]

@@ -1,4 +1,5 @@
-"""Reference math for LoRA and DoRA: the direct formulas, in plain PyTorch, that everything else must match.
+"""Reference math for LoRA and DoRA: the direct formulas, in plain PyTorch. This is the CPU path (the
+layers call it off-GPU) and what every fast path is tested against: one copy of each formula.
 
 LoRA (Hu et al. 2021, eq. 3) adds a trainable low-rank update to a frozen linear map::
 
@@ -20,12 +21,42 @@ numerator. PEFT computes the output without forming ``W'``, as a correction of t
     y = x W₀ᵀ + b + (g − 1) ⊙ (drop(x) W₀ᵀ) + g ⊙ s · (drop(x) Aᵀ) Bᵀ
 
 which, without dropout, is ``x W'ᵀ + b``. Row norms are over the input dimension (one per output).
+
+**Merging** writes ``W'`` (DoRA) or ``W₀ + s·BA`` (LoRA) into the base: `merged_weight`, the one function
+that merge and unload both use; `unmerged_weight` inverts it (DoRA needs the norm it divided by).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+
+def lora_update(xd: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:  # (..., out)
+    """``s · (drop(x) Aᵀ) Bᵀ``: the low-rank update of the output, ``xd`` (..., in) already dropped out."""
+    return F.linear(F.linear(xd, lora_A), lora_B) * scaling
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:  # (out,)
+    """``‖W + s·B A‖`` per output row (the norm over the input dimension), without gradient (DoRA §4.3)."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1)
+
+
+def dora_update(
+    xd: Tensor,  # (..., in), dropped out
+    base_xd: Tensor,  # (..., out): drop(x) W₀ᵀ (no bias)
+    lora_A: Tensor,  # (r, in)
+    lora_B: Tensor,  # (out, r)
+    magnitude: Tensor,  # (out,)
+    weight_norm: Tensor,  # (out,): ‖W₀ + s·BA‖_row, detached
+    scaling: float,
+) -> Tensor:  # (..., out)
+    """``(g − 1) ⊙ drop(x) W₀ᵀ + g ⊙ s·(drop(x) Aᵀ) Bᵀ`` with ``g = m / ‖W₀ + s·BA‖_row``: what DoRA adds
+    to the base output (module docstring)."""
+    g = magnitude / weight_norm  # (out,)
+    return (g - 1) * base_xd + g * lora_update(xd, lora_A, lora_B, scaling)
 
 
 def lora_linear_ref(
@@ -38,11 +69,8 @@ def lora_linear_ref(
     dropout_mask: Tensor | None = None,  # (..., in): the dropout multiplier, already divided by (1 - p)
 ) -> Tensor:  # (..., out)
     """``y = x Wᵀ + b + s · ((x ⊙ mask) Aᵀ) Bᵀ``: a LoRA linear layer, the direct formula."""
-    y = x @ weight.T  # (..., out)
-    if bias is not None:
-        y = y + bias
     xd = x if dropout_mask is None else x * dropout_mask  # (..., in)
-    return y + scaling * ((xd @ lora_A.T) @ lora_B.T)
+    return F.linear(x, weight, bias) + lora_update(xd, lora_A, lora_B, scaling)
 
 
 def lora_delta_weight_ref(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:  # (out, in)
@@ -51,7 +79,7 @@ def lora_delta_weight_ref(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Ten
 
 
 def dora_weight_norm_ref(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:  # (out,)
-    """``‖W + s·B A‖`` per output row (the norm over the input dimension)."""
+    """``‖W + s·B A‖`` per output row, differentiable (the layers use the detached `dora_weight_norm`)."""
     return torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1)
 
 
@@ -68,17 +96,46 @@ def dora_linear_ref(
     """DoRA as PEFT computes it (module docstring): the base output plus a magnitude-rescaled correction,
     the row norm detached (DoRA §4.3). Without dropout this is ``x (m ⊙ V/‖V‖_row)ᵀ + b``."""
     norm = dora_weight_norm_ref(weight, lora_A, lora_B, scaling).detach()  # (out,)
-    g = magnitude / norm  # (out,)
     xd = x if dropout_mask is None else x * dropout_mask  # (..., in)
-    y = x @ weight.T  # (..., out)
-    if bias is not None:
-        y = y + bias
-    return y + (g - 1) * (xd @ weight.T) + g * (scaling * ((xd @ lora_A.T) @ lora_B.T))
+    base_xd = F.linear(xd, weight)  # (..., out)
+    return F.linear(x, weight, bias) + dora_update(xd, base_xd, lora_A, lora_B, magnitude, norm, scaling)
+
+
+def merged_weight(
+    weight: Tensor,  # (out, in)
+    lora_A: Tensor,  # (r, in)
+    lora_B: Tensor,  # (out, r)
+    scaling: float,
+    magnitude: Tensor | None = None,  # (out,): DoRA
+) -> tuple[Tensor, Tensor | None]:
+    """The dense weight a merged layer holds, ``W₀ + s·BA`` (LoRA) or ``m ⊙ V / ‖V‖_row`` with
+    ``V = W₀ + s·BA`` (DoRA), computed in ``weight``'s dtype; and DoRA's ``‖V‖_row`` (None for LoRA),
+    which `unmerged_weight` needs to undo the rescaling."""
+    v = weight + lora_delta_weight_ref(lora_A, lora_B, scaling).to(weight.dtype)  # (out, in)
+    if magnitude is None:
+        return v, None
+    norm = torch.linalg.vector_norm(v, dim=1)  # (out,)
+    return (magnitude.to(weight.dtype) / norm)[:, None] * v, norm
+
+
+def unmerged_weight(
+    merged: Tensor,  # (out, in)
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    magnitude: Tensor | None = None,
+    norm: Tensor | None = None,  # (out,): what `merged_weight` returned (DoRA)
+) -> Tensor:  # (out, in)
+    """``W₀`` back from `merged_weight`'s result (exact up to float rounding)."""
+    if magnitude is not None:
+        if norm is None:
+            raise ValueError("unmerging DoRA needs the row norm merged_weight returned")
+        merged = merged * (norm / magnitude.to(merged.dtype))[:, None]
+    return merged - lora_delta_weight_ref(lora_A, lora_B, scaling).to(merged.dtype)
 
 
 def dora_merged_weight_ref(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float
 ) -> Tensor:
     """``W' = m · (W + s·B A) / ‖W + s·B A‖_row``: the dense weight a merged DoRA layer holds. (out, in)"""
-    v = weight + scaling * (lora_B @ lora_A)  # (out, in)
-    return (magnitude / torch.linalg.vector_norm(v, dim=1)).unsqueeze(1) * v
+    return merged_weight(weight, lora_A, lora_B, scaling, magnitude)[0]

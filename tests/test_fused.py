@@ -15,7 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_core import fused
-from lora_core.fused import DenseBase, dropout_mask, fused_dora_linear, fused_lora_linear
+from lora_core.bases import DenseBase, NF4Base
+from lora_core.dispatch import fused_mode, plan_lora
+from lora_core.fused import dropout_mask, fused_dora_linear, fused_lora_linear
 from lora_core.layers import LoRALinear
 from lora_core.reference import dora_linear_ref, dora_weight_norm_ref, lora_linear_ref
 from lora_core.testing import assert_close, tolerance
@@ -246,6 +248,11 @@ def layer(dora: bool, dropout: float, dtype: torch.dtype = F64, bias: bool = Tru
     return mod
 
 
+def fuses(mod: LoRALinear, x: torch.Tensor) -> bool:
+    """Whether dispatch sends ``mod(x)`` through the fused Function."""
+    return plan_lora(mod, x).path == "fused"
+
+
 def module_grads(mod: LoRALinear, x: torch.Tensor) -> list[torch.Tensor]:
     x = x.detach().requires_grad_()
     y = mod(x)
@@ -261,10 +268,10 @@ def test_module_fused_equals_module_reference(dora: bool) -> None:
         mod.bias.requires_grad_(True)
         mod.train(train)
         x = torch.randn(3, 4, 12, dtype=F64)
-        with fused.fused_mode("always"):
-            assert fused.use_fused(mod, x)
+        with fused_mode("always"):
+            assert fuses(mod, x)
             got = module_grads(mod, x)
-        with fused.fused_mode("never"):
+        with fused_mode("never"):
             want = module_grads(mod, x)
         assert_all_close(got, want)
 
@@ -275,9 +282,9 @@ def test_unfrozen_base_weight_gets_its_gradient(dora: bool) -> None:
     mod = layer(dora, 0.0)
     mod.weight.requires_grad_(True)
     x = torch.randn(4, 12, dtype=F64)
-    with fused.fused_mode("always"):
+    with fused_mode("always"):
         got = module_grads(mod, x)
-    with fused.fused_mode("never"):
+    with fused_mode("never"):
         want = module_grads(mod, x)
     assert len(got) == 6 + dora  # y, ∂x, ∂W₀, ∂b, ∂A, ∂B (, ∂m)
     assert_all_close(got, want)
@@ -289,11 +296,11 @@ def test_unfrozen_base_weight_gets_its_gradient(dora: bool) -> None:
 def test_dora_norm_cache_follows_the_base_weight() -> None:
     mod = layer(True, 0.0)
     x = torch.randn(5, 12, dtype=F64)
-    with fused.fused_mode("always"):
+    with fused_mode("always"):
         mod(x)  # fills the ‖W₀‖² cache
-        mod.set_base_weight(torch.randn(10, 12, dtype=F64))  # in place: same Parameter, new version
+        mod.base.set_dense_weight(torch.randn(10, 12, dtype=F64))  # in place: same Parameter, new version
         got = mod(x)
-    with fused.fused_mode("never"):
+    with fused_mode("never"):
         assert_close(got, mod(x))
 
 
@@ -302,9 +309,9 @@ def test_half_base_float32_adapters() -> None:
     for dora in (False, True):
         mod = layer(dora, 0.0, dtype=torch.bfloat16)
         x = torch.randn(8, 12, dtype=torch.bfloat16)
-        with fused.fused_mode("always"):
+        with fused_mode("always"):
             got = module_grads(mod, x)
-        with fused.fused_mode("never"):
+        with fused_mode("never"):
             want = module_grads(mod, x)
         assert [t.dtype for t in got] == [t.dtype for t in want]  # float32 grads for float32 adapters
         assert_close(got[0], want[0])  # the output, elementwise
@@ -315,21 +322,42 @@ def test_half_base_float32_adapters() -> None:
 def test_dispatch_rules() -> None:
     mod = layer(False, 0.0)
     x = torch.randn(2, 12, dtype=F64)
-    assert not fused.use_fused(mod, x)  # "auto" on CPU: the reference
-    with fused.fused_mode("always"):
-        assert fused.use_fused(mod, x)
-        assert not fused.use_fused(mod, x.float())  # dtype mismatch: the reference raises as before
+    assert not fuses(mod, x)  # "auto" on CPU: the reference
+    with fused_mode("always"):
+        assert fuses(mod, x)
+        assert not fuses(mod, x.float())  # dtype mismatch: the reference raises as before
         mod.merge()
-        assert not fused.use_fused(mod, x)
+        assert not fuses(mod, x)
     mod.unmerge()
     mod.weight.requires_grad_(True)  # an unfrozen base: its gradient needs the reference path
-    with fused.fused_mode("always"):
-        assert not fused.use_fused(mod, x)
+    with fused_mode("always"):
+        assert not fuses(mod, x)
         with torch.no_grad():
-            assert fused.use_fused(mod, x)  # no graph, no gradient to lose
+            assert fuses(mod, x)  # no graph, no gradient to lose
     with pytest.raises(ValueError, match="mode must be one of"):
-        with fused.fused_mode("fast"):
+        with fused_mode("fast"):
             pass
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_under_bf16_autocast_computes_as_autocast_would(dora: bool) -> None:
+    """``lc.train`` runs under bf16 autocast on a GPU: the plan there is the fused Function in bf16 (it was
+    the reference before), with outputs and gradients as the reference path gives under the same autocast.
+    Checked on CPU, where autocast(bf16) exists too; on CPU "auto" keeps the reference."""
+    mod = layer(dora, 0.0, dtype=torch.float32)  # a float32 model trained under bf16 autocast
+    x = torch.randn(6, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plan_lora(mod, x).path == "reference"  # auto: CPU input
+        with fused_mode("always"):
+            plan = plan_lora(mod, x)
+            assert (plan.path, plan.dtype) == ("fused", torch.bfloat16)
+            got = module_grads(mod, x)
+        with fused_mode("never"):
+            want = module_grads(mod, x)
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    assert got[0].dtype == torch.bfloat16  # the output in autocast's dtype, as F.linear gives under it
+    for a, e in zip(got, want):
+        assert_close_normwise(a, e, torch.bfloat16)
 
 
 def test_bad_arguments() -> None:
@@ -362,10 +390,10 @@ def test_nf4_base_matches_reference_on_dequantized_weight(dora: bool) -> None:
     m = torch.rand(24, generator=gen).add_(0.5).requires_grad_()
     ins = [x, a, b] + ([m] if dora else [])
     if dora:
-        y = fused_dora_linear(x, fused.NF4Base(q), a, b, m, scaling=2.0, dropout=0.2, seed=1)
+        y = fused_dora_linear(x, NF4Base(q), a, b, m, scaling=2.0, dropout=0.2, seed=1)
         y_ref = dora_linear_ref(x, w, None, a, b, m, 2.0, dropout_mask(x.detach(), 0.2, 1))
     else:
-        y = fused_lora_linear(x, fused.NF4Base(q), a, b, scaling=2.0, dropout=0.2, seed=1)
+        y = fused_lora_linear(x, NF4Base(q), a, b, scaling=2.0, dropout=0.2, seed=1)
         y_ref = lora_linear_ref(x, w, None, a, b, 2.0, dropout_mask(x.detach(), 0.2, 1))
     assert_close(y, y_ref)
     assert_all_close(grads(y, ins, 0), grads(y_ref, ins, 0))
@@ -380,7 +408,7 @@ def test_nf4_base_matches_reference_on_dequantized_weight(dora: bool) -> None:
 def test_gpu_half_matches_float64_reference(dtype: torch.dtype, dora: bool) -> None:
     mod = layer(dora, 0.0, dtype=dtype).cuda()
     x = torch.randn(4, 64, 12, device="cuda", dtype=dtype)
-    assert fused.use_fused(mod, x)
+    assert fuses(mod, x)
     got = module_grads(mod, x)
     ref = layer(dora, 0.0, dtype=F64)
     ref.load_state_dict({k: v.double().cpu() for k, v in mod.state_dict().items()})
@@ -413,12 +441,12 @@ def test_qlora_module_fused_equals_reference(dora: bool) -> None:
     torch.manual_seed(0)
     mod = qlora.QLoRALinear.from_linear(torch.nn.Linear(64, 32), r=4, alpha=8.0, use_dora=dora)
     torch.nn.init.normal_(mod.lora_B.weight)
-    assert isinstance(mod.base_op(), fused.NF4Base)
+    assert isinstance(mod.base, NF4Base)
     x = torch.randn(6, 64)
-    with fused.fused_mode("always"):
-        assert fused.use_fused(mod, x)
+    with fused_mode("always"):
+        assert fuses(mod, x)
         got = module_grads(mod, x)
-    with fused.fused_mode("never"):
+    with fused_mode("never"):
         want = module_grads(mod, x)
     for a, e in zip(got, want):
         assert_close(a, e)

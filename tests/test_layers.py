@@ -247,4 +247,4 @@ def test_bad_arguments():
         LoRALinear.from_linear(nn.Embedding(4, 3), r=1, alpha=1.0)
     layer = LoRALinear.from_linear(nn.Linear(4, 3), r=1, alpha=1.0)
     with pytest.raises(ValueError, match="shape"):
-        layer.set_base_weight(torch.zeros(4, 3))
+        layer.base.set_dense_weight(torch.zeros(4, 3))
