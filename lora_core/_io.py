@@ -140,4 +140,3 @@ def atomic_write_dir(
         shutil.rmtree(old, ignore_errors=True)
     _fsync(path.parent)
     return path
-
