@@ -10,9 +10,11 @@ A saved adapter is a directory::
                                      base_model.model.<path>.<param>     modules_to_save, trained biases
 
 so ``peft.PeftModel.from_pretrained(base, "out/adapter")`` reads it, and adapters PEFT saved load here.
-Files are read with safetensors only (never pickle) and written to a temporary name first, then renamed,
-so a crash never leaves a half-written file. ``load_adapter`` checks every tensor against the model before
-it changes anything: a mismatch raises and leaves the model exactly as it was.
+Files are read with safetensors only (never pickle). ``save_adapter`` prepares both files in memory, writes
+them into a temporary sibling folder and swaps that in (``lora_core._io.atomic_write_dir``): a failure or a
+crash never leaves new weights beside an old config, or a folder without one; other files in the folder
+are kept. ``load_adapter`` checks every tensor against the model before it changes anything: a mismatch
+raises and leaves the model exactly as it was.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_core._io import atomic_write, atomic_write_text
+from lora_core._io import atomic_write_dir
 from lora_core.config import LoraConfig
 from lora_core.layers import linear_features
 from lora_core.model import apply_lora, find_modules_to_save, find_targets, get_lora_config, lora_layers
@@ -56,32 +58,68 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _name_or_path(value: object) -> str | None:
+    """``base_model_name_or_path`` as PEFT stores it: a str (a path is written as its string) or None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+        return os.fspath(value)
+    raise TypeError(f"base_model_name_or_path must be a str, an os.PathLike or None, got {value!r}")
+
+
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write the adapter of ``model`` to the directory ``path`` (created if needed) in PEFT's layout.
+
+    Atomic per adapter: the config and the tensors are validated and prepared first, both files are written
+    into a temporary sibling folder, which then replaces ``path``. Any failure (a bad argument, a full disk)
+    leaves a previous adapter at ``path`` as it was, byte for byte, and no new folder for a fresh ``path``.
+    Other files in an existing ``path`` (a README, PEFT's subfolders for other adapters) are kept.
 
     Args:
         model: a model that went through ``apply_lora`` or ``load_adapter`` (merged or not).
         path: the adapter directory.
-        base_model_name_or_path: recorded in ``adapter_config.json`` (PEFT uses it to find the base).
+        base_model_name_or_path: recorded in ``adapter_config.json`` (PEFT uses it to find the base);
+            default: the config's own.
 
     Returns:
         The directory, as a ``Path``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``path`` is not a str or path;
+            ``base_model_name_or_path`` (the argument or the config's) is not a str, a path or None.
+        ValueError: the model has no LoRA layers; ``path`` exists and is not a directory.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"path {str(directory)!r} exists and is not a directory")
     cfg = get_lora_config(model)
-    if base_model_name_or_path is not None:
-        cfg = LoraConfig(**{**cfg.__dict__, "base_model_name_or_path": base_model_name_or_path})
+    name = _name_or_path(
+        cfg.base_model_name_or_path if base_model_name_or_path is None else base_model_name_or_path
+    )
+    cfg = LoraConfig(**{**cfg.__dict__, "base_model_name_or_path": name})
+    try:
+        text = json.dumps(cfg.to_peft_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as err:  # defence in depth: every field is validated already
+        raise TypeError(f"the adapter config cannot be written as JSON: {err}") from None
     # clone: safetensors refuses tensors that share storage (e.g. tied weights in modules_to_save)
     tensors = {
         PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()
     }
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt"}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    text = json.dumps(cfg.to_peft_dict(), indent=2, sort_keys=True) + "\n"
-    atomic_write_text(directory / CONFIG_NAME, text)
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+
+    atomic_write_dir(directory, fill, keep_other_files=True)
     return directory
 
 

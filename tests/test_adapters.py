@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lora_core as lc
+from lora_core import adapters
 from lora_core.model import lora_layers
 
 
@@ -163,3 +166,82 @@ def test_load_into_a_model_that_has_lora_already(base, tmp_path):
 def test_save_without_lora_is_an_error(base, tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         lc.save_adapter(base, tmp_path)
+
+
+# ---- saving is atomic per adapter: the previous adapter survives any failure, byte for byte -------------
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("cfg_kwargs", "save_kwargs", "error", "message"),
+    [
+        ({}, {"base_model_name_or_path": 42}, TypeError, "base_model_name_or_path must be a str"),
+        ({}, {"base_model_name_or_path": b"tiny"}, TypeError, "base_model_name_or_path must be a str"),
+        ({"base_model_name_or_path": object()}, {}, TypeError, "base_model_name_or_path must be a str"),
+    ],
+)
+def test_a_config_that_cannot_be_written_leaves_the_old_adapter(
+    base, tmp_path, cfg_kwargs, save_kwargs, error, message
+):
+    out = tmp_path / "adapter"
+    lc.save_adapter(_adapted(base), out)
+    (out / "README.md").write_text("model card")
+    before = _snapshot(out)
+    with pytest.raises(error, match=message):
+        lc.save_adapter(_adapted(base, use_dora=True, **cfg_kwargs), out, **save_kwargs)
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary left behind
+    lc.load_adapter(copy.deepcopy(base), out)
+
+
+def test_a_path_is_recorded_as_a_string(base, tmp_path):
+    out = lc.save_adapter(_adapted(base), tmp_path / "a", base_model_name_or_path=tmp_path / "base")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base"
+    )
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_writing_the_weights_leaves_nothing_half_written(base, tmp_path, monkeypatch):
+    # The seam: the module's own reference to safetensors' save_file, the call that writes the big file.
+    monkeypatch.setattr(adapters, "save_file", _disk_full)
+    with pytest.raises(OSError, match="No space"):
+        lc.save_adapter(_adapted(base), tmp_path / "fresh")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary
+    monkeypatch.undo()
+    out = lc.save_adapter(_adapted(base), tmp_path / "adapter")
+    before = _snapshot(out)
+    monkeypatch.setattr(adapters, "save_file", _disk_full)
+    with pytest.raises(OSError, match="No space"):
+        lc.save_adapter(_adapted(base, use_dora=True), out)
+    assert _snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_saving_over_an_adapter_keeps_the_other_files_in_its_folder(base, tmp_path):
+    out = lc.save_adapter(_adapted(base), tmp_path / "adapter")
+    (out / "README.md").write_text("model card")
+    (out / "other").mkdir()  # e.g. PEFT's subfolder for a second adapter
+    (out / "other" / "adapter_config.json").write_text("{}")
+    model = _adapted(base, use_dora=True)
+    lc.save_adapter(model, out)
+    names = ["README.md", "adapter_config.json", "adapter_model.safetensors", "other"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert (out / "README.md").read_text() == "model card"
+    assert (out / "other" / "adapter_config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    torch.testing.assert_close(lc.load_adapter(copy.deepcopy(base), out)(X), model(X))
+
+
+def test_save_argument_types(base, tmp_path):
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
+        lc.save_adapter(None, tmp_path)
+    with pytest.raises(TypeError, match=r"path must be a str or os.PathLike"):
+        lc.save_adapter(_adapted(base), None)
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(ValueError, match=r"path .* is not a directory"):
+        lc.save_adapter(_adapted(base), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep"
