@@ -121,3 +121,65 @@ def test_atomic_write_dir_refuses_a_file_and_puts_the_old_folder_back_when_the_s
         atomic_write_dir(target, lambda tmp: (tmp / "a.txt").write_text("new"))
     assert (target / "a.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "file"]
+
+
+# ---- the other writers of lora_core go through here: a failure leaves the old output or none --------------
+def _half_then_disk_full(tensors, filename, *args, **kwargs):
+    Path(filename).write_bytes(b"half a safetensors file")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_save_quantized_on_a_full_disk_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torch
+    from torch import nn
+
+    import lora_core as lc
+    from lora_core import checkpoint
+
+    model = lc.apply_lora(nn.Sequential(nn.Linear(64, 64)), lc.LoraConfig(r=2, target_modules=["0"]))
+    path = tmp_path / "model.safetensors"
+    checkpoint.save_quantized(model, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(checkpoint, "save_file", _half_then_disk_full)
+    with torch.no_grad():
+        model[0].lora_B.weight.fill_(1.0)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save_quantized(model, path)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save_quantized(model, tmp_path / "fresh.safetensors")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_a_failing_merge_leaves_nothing_at_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    import safetensors.torch
+
+    import lora_core as lc
+    from lora_core import cli
+
+    model = lc.apply_lora(lc.TinyCausalLM(seed=0), lc.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lc.save_adapter(model, tmp_path / "adapter")
+    # The tiny model's save_pretrained writes config.json, then the weights: the disk fills up on the second.
+    monkeypatch.setattr(safetensors.torch, "save_file", _half_then_disk_full)
+    args = argparse.Namespace(adapter=str(tmp_path / "adapter"), out=str(tmp_path / "merged"), model="tiny")
+    with pytest.raises(OSError, match="No space"):
+        cli.merge(args)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_tiny_save_pretrained_writes_each_file_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import safetensors.torch
+
+    import lora_core as lc
+    from lora_core.models.tiny import load_tiny
+
+    model = lc.TinyCausalLM(seed=0)
+    model.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(safetensors.torch, "save_file", _half_then_disk_full)
+    with pytest.raises(OSError, match="No space"):
+        lc.TinyCausalLM(seed=1).save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    load_tiny(tmp_path)
