@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -126,7 +127,15 @@ def save_adapter(
 def read_adapter(
     path: str | os.PathLike[str], **overrides: Any
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Read an adapter directory: its config and its tensors (keys without the PEFT prefix)."""
+    """Read an adapter directory: its config and its tensors (keys without the PEFT prefix).
+
+    Raises:
+        TypeError: ``path`` is not a str or path.
+        FileNotFoundError: the directory or one of its two files is missing.
+        ValueError: a file that is not UTF-8 JSON / not safetensors (the file is named); a bad config.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
@@ -138,10 +147,15 @@ def read_adapter(
         data = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{directory / CONFIG_NAME}: not valid JSON ({err})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{directory / CONFIG_NAME}: not UTF-8 text, so not JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{directory / CONFIG_NAME}: expected a JSON object, got {type(data).__name__}")
     cfg = LoraConfig.from_peft_dict(data, **overrides)
-    raw = load_file(str(directory / WEIGHTS_NAME))
+    try:
+        raw = load_file(str(directory / WEIGHTS_NAME))
+    except SafetensorError as err:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: not a valid safetensors file ({err})") from None
     tensors = {k.removeprefix(PREFIX): v for k, v in raw.items()}
     return cfg, tensors
 
@@ -192,10 +206,14 @@ def load_adapter(
         ``model``, with the adapter applied.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``path`` is not a str or path.
         FileNotFoundError: the directory or one of its two files is missing.
-        ValueError: bad config; the model already has LoRA layers; a target that does not exist; a tensor
-            missing, unexpected or of the wrong shape (the first such key is named).
+        ValueError: a file that is not UTF-8 JSON / safetensors; bad config; the model already has LoRA
+            layers; a target that does not exist; a tensor missing, unexpected, of the wrong shape or
+            dtype, or holding NaN/inf (the first such key is named).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg, tensors = read_adapter(
         path, quantize=quantize, quant_block_size=quant_block_size, double_quant=double_quant
     )
@@ -218,6 +236,11 @@ def load_adapter(
             )
         if not tensor.is_floating_point():
             raise ValueError(f"adapter tensor {key!r} has dtype {tensor.dtype}; expected a floating dtype")
+        if not torch.isfinite(tensor).all():  # a diverged run's adapter: loading it would only give NaNs
+            bad = tensor[~torch.isfinite(tensor)][0].item()
+            raise ValueError(
+                f"adapter tensor {key!r} holds non-finite values (e.g. {bad}); refusing to load it"
+            )
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise ValueError(f"adapter has no tensor {missing[0]!r} (and {len(missing) - 1} more missing)")

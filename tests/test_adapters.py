@@ -245,3 +245,58 @@ def test_save_argument_types(base, tmp_path):
     with pytest.raises(ValueError, match=r"path .* is not a directory"):
         lc.save_adapter(_adapted(base), tmp_path / "file")
     assert (tmp_path / "file").read_text() == "keep"
+
+
+# ---- bad input to load_adapter: a clear error and the model unchanged ------------------------------------
+def _fingerprint(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[str, type]], list[bool]]:
+    return (
+        _state(model),
+        [(n, type(m)) for n, m in model.named_modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def _assert_unchanged(model: nn.Module, before) -> None:
+    state, types, grads = _fingerprint(model)
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+    assert types == before[1] and grads == before[2]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_tensor_is_refused_by_name(base, tmp_path, bad):
+    def edit(t, c):
+        t[P + "v_proj.lora_B.weight"][1, 0] = bad
+
+    _corrupt(tmp_path, base, edit)
+    target = copy.deepcopy(base)
+    before = _fingerprint(target)
+    with pytest.raises(ValueError, match=r"'body\.v_proj\.lora_B\.weight'.*(nan|inf)"):
+        lc.load_adapter(target, tmp_path)
+    _assert_unchanged(target, before)
+
+
+def test_unreadable_files_are_value_errors_naming_the_file(base, tmp_path):
+    lc.save_adapter(_adapted(base), tmp_path)
+    target = copy.deepcopy(base)
+    before = _fingerprint(target)
+    config = tmp_path / "adapter_config.json"
+    good = config.read_bytes()
+    config.write_bytes(good.replace(b'"LORA"', b'"LOR\xff"'))  # not UTF-8
+    with pytest.raises(ValueError, match=r"adapter_config\.json.*UTF-8"):
+        lc.load_adapter(target, tmp_path)
+    config.write_bytes(good)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*not a valid safetensors"):
+        lc.load_adapter(target, tmp_path)
+    _assert_unchanged(target, before)
+
+
+def test_load_argument_types(base, tmp_path):
+    lc.save_adapter(_adapted(base), tmp_path)
+    target = copy.deepcopy(base)
+    before = _fingerprint(target)
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got NoneType"):
+        lc.load_adapter(target, None)
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got NoneType"):
+        lc.load_adapter(None, tmp_path)
+    _assert_unchanged(target, before)
