@@ -7,14 +7,17 @@ A saved adapter is a directory::
     └── adapter_model.safetensors    base_model.model.<path>.lora_A.weight        (r, in)
                                      base_model.model.<path>.lora_B.weight        (out, r)
                                      base_model.model.<path>.lora_magnitude_vector (out,)    DoRA only
-                                     base_model.model.<path>.<param>     modules_to_save, trained biases
+                                     base_model.model.<path>.base_layer.bias       trained bias of an
+                                                                                   adapted layer
+                                     base_model.model.<path>.<param>     modules_to_save, other biases
 
 so ``peft.PeftModel.from_pretrained(base, "out/adapter")`` reads it, and adapters PEFT saved load here.
 Files are read with safetensors only (never pickle). ``save_adapter`` prepares both files in memory, writes
 them into a temporary sibling folder and swaps that in (``lora_core._io.atomic_write_dir``): a failure or a
 crash never leaves new weights beside an old config, or a folder without one; other files in the folder
 are kept. ``load_adapter`` checks every tensor against the model before it changes anything: a mismatch
-raises and leaves the model exactly as it was.
+raises and leaves the model exactly as it was. It also reads ``<path>.bias`` for an adapted layer's bias
+(what lora_core wrote before it used PEFT's key) and PEFT's extra ``modules_to_save`` copies.
 """
 
 from __future__ import annotations
@@ -39,21 +42,30 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).model (the user's model)
 
 
+def _is_bias(name: str) -> bool:
+    return name == "bias" or name.endswith(".bias")  # apply_lora's rule for bias="all"
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter consists of, keyed as PEFT saves them (without the ``base_model.model.``
-    prefix): LoRA factors, DoRA magnitudes, ``modules_to_save`` parameters and trained biases."""
+    prefix): LoRA factors, DoRA magnitudes, ``modules_to_save`` parameters and trained biases.
+
+    A trained bias of an adapted layer is ``<path>.base_layer.bias``: in PEFT that layer wraps the original
+    module as ``base_layer`` (PEFT would drop a ``<path>.bias`` silently and add no bias of ours)."""
     cfg = get_lora_config(model)
     out: dict[str, torch.Tensor] = {}
+    adapted = set()
     for path, layer in lora_layers(model):
         pre = f"{path}." if path else ""
         out[f"{pre}lora_A.weight"] = layer.lora_A.weight
         out[f"{pre}lora_B.weight"] = layer.lora_B.weight
         if layer.use_dora:
             out[f"{pre}lora_magnitude_vector"] = layer.lora_magnitude_vector
-        if cfg.bias == "lora_only" and layer.bias is not None:
-            out[f"{pre}bias"] = layer.bias
+        if cfg.bias != "none" and layer.bias is not None:
+            out[f"{pre}base_layer.bias"] = layer.bias
+        adapted.add(f"{pre}bias")
     if cfg.bias == "all":
-        out.update({n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")})
+        out.update({n: p for n, p in model.named_parameters() if _is_bias(n) and n not in adapted})
     for path in find_modules_to_save(model, cfg):
         out.update({f"{path}.{n}": p for n, p in model.get_submodule(path).named_parameters()})
     return out
@@ -180,6 +192,37 @@ def _expected_tensors(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int,
     return expected
 
 
+def _optional_tensors(
+    model: nn.Module, cfg: LoraConfig, expected: dict[str, tuple[int, ...]]
+) -> dict[str, str]:
+    """Keys an adapter may also hold, mapped to the parameter they set ("" for one that is skipped).
+
+    - trained biases: an adapted layer's as PEFT saves it (``<path>.base_layer.bias``) or as lora_core did
+      before (``<path>.bias``); with ``bias="all"`` every other bias under its own name;
+    - PEFT's extra copies of a ``modules_to_save`` module's parameters, written with ``bias="all"``:
+      ``<path>.modules_to_save.<p>`` (the trained one again) and ``<path>.original_module.<p>`` (the base's
+      own, untrained: skipped, the base model has it).
+    """
+    params = dict(model.named_parameters())
+    optional: dict[str, str] = {}
+    if cfg.bias != "none":
+        for path in find_targets(model, cfg):
+            pre = f"{path}." if path else ""
+            if f"{pre}bias" in params:
+                optional[f"{pre}base_layer.bias"] = optional[f"{pre}bias"] = f"{pre}bias"
+    if cfg.bias == "all":
+        for n in params:
+            if _is_bias(n):
+                optional.setdefault(n, n)
+    for path in find_modules_to_save(model, cfg):
+        for n, _ in model.get_submodule(path).named_parameters():
+            optional[f"{path}.modules_to_save.{n}"] = f"{path}.{n}"
+            optional[f"{path}.original_module.{n}"] = ""
+    for key in expected:
+        optional.pop(key, None)
+    return optional
+
+
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -220,14 +263,15 @@ def load_adapter(
     if any(True for _ in lora_layers(model)):
         raise ValueError("the model already has LoRA layers; load the adapter into a fresh base model")
     expected = _expected_tensors(model, cfg)
+    optional = _optional_tensors(model, cfg, expected)
     params = dict(model.named_parameters())
-    biases = {}
+    writes: dict[str, tuple[str, torch.Tensor]] = {}  # parameter name -> (adapter key, value)
     for key, tensor in tensors.items():
         if key in expected:
-            want = expected[key]
-        elif cfg.bias != "none" and key.endswith("bias") and key.replace(".base_layer.", ".") in params:
-            biases[key] = key.replace(".base_layer.", ".")
-            want = tuple(params[biases[key]].shape)
+            name, want = key, expected[key]
+        elif key in optional:
+            name = optional[key]
+            want = tuple(params[name or key.replace(".original_module.", ".")].shape)
         else:
             raise ValueError(f"adapter tensor {key!r} does not belong to any target of this model")
         if tuple(tensor.shape) != want:
@@ -241,7 +285,14 @@ def load_adapter(
             raise ValueError(
                 f"adapter tensor {key!r} holds non-finite values (e.g. {bad}); refusing to load it"
             )
-    missing = [k for k in expected if k not in tensors]
+        if not name:
+            continue
+        if name in writes and not torch.equal(writes[name][1], tensor):
+            raise ValueError(
+                f"adapter tensors {writes[name][0]!r} and {key!r} give {name!r} different values"
+            )
+        writes[name] = (key, tensor)
+    missing = [k for k in expected if k not in writes]
     if missing:
         raise ValueError(f"adapter has no tensor {missing[0]!r} (and {len(missing) - 1} more missing)")
 
@@ -249,9 +300,8 @@ def load_adapter(
     model = apply_lora(model, cfg)
     current = dict(model.named_parameters())
     with torch.no_grad():
-        for key, tensor in tensors.items():
-            target = current[biases.get(key, key)]
-            target.copy_(tensor.to(device=target.device))
+        for name, (_, tensor) in writes.items():
+            current[name].copy_(tensor.to(device=current[name].device))
     if not is_trainable:
         model.requires_grad_(False)
         model.eval()

@@ -83,7 +83,8 @@ def test_save_then_load_reproduces_the_model(base, tmp_path, kwargs):
         assert tensors["base_model.model.body.v_proj.lora_magnitude_vector"].shape == (4,)
     if kwargs.get("task_type"):
         assert (
-            "base_model.model.classifier.weight" in tensors and "base_model.model.body.q_proj.bias" in tensors
+            "base_model.model.classifier.weight" in tensors
+            and "base_model.model.body.q_proj.base_layer.bias" in tensors
         )
     loaded = lc.load_adapter(copy.deepcopy(base), out)
     assert torch.equal(loaded(X), y)
@@ -299,4 +300,31 @@ def test_load_argument_types(base, tmp_path):
         lc.load_adapter(target, None)
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got NoneType"):
         lc.load_adapter(None, tmp_path)
+    _assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_in_peft_keys_and_in_the_old_lora_core_keys(base, tmp_path, bias):
+    model = _adapted(base, bias=bias)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") and p.requires_grad:
+                p.normal_()
+    y = model(X)
+    lc.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    biases = sorted(k.removeprefix("base_model.model.") for k in tensors if k.endswith("bias"))
+    adapted = ["body.q_proj.base_layer.bias", "body.v_proj.base_layer.bias"]
+    assert biases == (adapted if bias == "lora_only" else ["body.out.bias", *adapted, "classifier.bias"])
+    # lora_core wrote `<path>.bias` for an adapted layer before: such adapters still load
+    old = {k.replace(".base_layer.bias", ".bias"): v for k, v in tensors.items()}
+    save_file(old, tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(lc.load_adapter(copy.deepcopy(base), tmp_path)(X), y)
+    # both names for one bias, with different values: ambiguous, refused
+    both = {**tensors, P + "q_proj.bias": tensors[P + "q_proj.base_layer.bias"] + 1}
+    save_file(both, tmp_path / "adapter_model.safetensors")
+    target = copy.deepcopy(base)
+    before = _fingerprint(target)
+    with pytest.raises(ValueError, match=r"q_proj\.bias.*different values"):
+        lc.load_adapter(target, tmp_path)
     _assert_unchanged(target, before)
