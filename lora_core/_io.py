@@ -98,7 +98,8 @@ def atomic_write_dir(
     carried into the new folder first (hard links, or copies where linking fails). A symlink at ``path`` is
     followed: the folder it points to is the one replaced. The swap itself is two renames; a crash between
     them leaves the old folder under a hidden name (``.<name>.<random>.old``), never a half-written one at
-    ``path``; any other failure puts the old folder back. The new folder gets ``0o777 & ~umask``.
+    ``path``; any other failure puts the old folder back. A new folder gets ``0o777 & ~umask``, a replaced one
+    keeps its mode.
 
     Raises:
         NotADirectoryError: ``path`` exists and is not a folder (nothing is written).
@@ -126,6 +127,7 @@ def atomic_write_dir(
                     _link_or_copy(str(entry), str(dst))
         _fsync_tree(tmp)
         if path.exists():
+            shutil.copymode(path, tmp)  # a folder the user chmod-ed keeps its mode
             old = _sibling(path, lambda aside: _move(path, aside), "old")
         try:
             os.replace(tmp, path)

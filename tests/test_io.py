@@ -71,6 +71,9 @@ def test_files_and_folders_honour_the_umask(tmp_path: Path, umask: int) -> None:
     assert stat.S_IMODE(g.stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((d / "a.txt").stat().st_mode) == 0o666 & ~umask
+    d.chmod(0o750)  # replacing a folder keeps the mode its owner gave it
+    atomic_write_dir(d, lambda tmp: (tmp / "b.txt").write_text("w"))
+    assert stat.S_IMODE(d.stat().st_mode) == 0o750
 
 
 def test_atomic_write_dir_can_keep_the_files_it_did_not_write(tmp_path: Path) -> None:
