@@ -4,12 +4,12 @@ A saved adapter is a directory::
 
     out/adapter/
     ├── adapter_config.json          LoraConfig.to_peft_dict(): peft_type "LORA", r, lora_alpha, ...
-    └── adapter_model.safetensors    base_model.model.<path>.lora_A.weight        (r, in)
-                                     base_model.model.<path>.lora_B.weight        (out, r)
-                                     base_model.model.<path>.lora_magnitude_vector (out,)    DoRA only
-                                     base_model.model.<path>.base_layer.bias       trained bias of an
-                                                                                   adapted layer
-                                     base_model.model.<path>.<param>     modules_to_save, other biases
+    └── adapter_model.safetensors    base_model.model.<path>.lora_A.weight          (r, in)
+                                     base_model.model.<path>.lora_B.weight          (out, r)
+                                     base_model.model.<path>.lora_magnitude_vector  (out,)  DoRA only
+                                     base_model.model.<path>.base_layer.bias        (out,)  an adapted
+                                                                                    layer's trained bias
+                                     base_model.model.<path>.<param>    modules_to_save, other biases
 
 so ``peft.PeftModel.from_pretrained(base, "out/adapter")`` reads it, and adapters PEFT saved load here.
 Files are read with safetensors only (never pickle). ``save_adapter`` prepares both files in memory, writes
