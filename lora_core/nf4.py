@@ -163,7 +163,9 @@ class NF4Tensor:
         """Read what `to_bnb_state` (or bitsandbytes' ``Linear4bit.state_dict``) wrote under ``prefix``.
 
         Raises:
-            ValueError: FP4, a missing key, or sizes / dtypes that do not fit the recorded shape.
+            ValueError: FP4, a missing key, a malformed quant-state blob or field, sizes / dtypes that do
+                not fit the recorded shape, a NaN / inf / negative scale (see `lora_core.nf4_bnb`).
+            TypeError: an entry that is not a tensor.
         """
         return from_bnb_state(tensors, prefix, cls)
 

@@ -100,7 +100,7 @@ class _NF4WeightMixin:
             else:
                 missing_keys.append(key)
                 return
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             error_msgs.append(f"{key}: {err}")
             return
         if tuple(q.shape) != tuple(current.shape):
