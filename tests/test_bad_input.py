@@ -130,3 +130,37 @@ def test_qlora_load_state_dict_with_a_malformed_entry_reports_it_and_keeps_the_l
     with pytest.raises(RuntimeError, match=message):
         layer.load_state_dict(state)
     assert layer.weight is before
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"alpha": INF}, ValueError, "alpha must be a finite number > 0, got inf"),
+        ({"alpha": NAN}, ValueError, "alpha must be a finite number > 0"),
+        ({"alpha": True}, TypeError, "alpha must be a positive number, got True"),
+        ({"alpha": "8"}, TypeError, "alpha must be a positive number, got '8'"),
+        ({"dropout": "0.1"}, TypeError, r"dropout must be a float in \[0, 1\)"),
+        ({"dropout": True}, TypeError, r"dropout must be a float in \[0, 1\)"),
+        ({"dropout": NAN}, ValueError, r"dropout must be in \[0, 1\)"),
+        ({"use_rslora": "yes"}, TypeError, "use_rslora must be a bool, got 'yes'"),
+        ({"use_dora": 1}, TypeError, "use_dora must be a bool, got 1"),
+        ({"fan_in_fan_out": "no"}, TypeError, "fan_in_fan_out must be a bool, got 'no'"),
+    ],
+)
+def test_lora_layer_arguments_are_checked(kwargs, error, message, quantized) -> None:
+    """``LoRALinear(..., alpha=inf)`` gave an inf scaling, ``alpha="8"`` a bare comparison TypeError,
+    ``use_rslora="yes"`` silently meant True; the layer now checks like ``LoraConfig`` does."""
+    from torch import nn
+
+    from lora_core.layers import LoRALinear
+    from lora_core.qlora import QLoRALinear
+
+    cls = QLoRALinear if quantized else LoRALinear
+    base = nn.Linear(16, 16)
+    with pytest.raises(error, match=message):
+        cls.from_linear(base, **{"r": 4, "alpha": 8.0, **kwargs})
+    assert base.weight.requires_grad  # the base was not adopted
