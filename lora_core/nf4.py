@@ -137,8 +137,14 @@ class NF4Tensor:
         return 8.0 * self.nbytes / max(self.numel, 1)
 
     def to(self, device: torch.device | str) -> NF4Tensor:
-        """A copy on ``device``; every tensor keeps its dtype (uint8 codes, float32 scales)."""
-        return replace(self, **{k: v.to(device=device) for k, v in self.tensors().items()})
+        """A copy on ``device``; every tensor keeps its dtype (uint8 codes, float32 scales). ValueError for a
+        device this process cannot use (torch raises AssertionError for "cuda" without CUDA)."""
+        try:
+            return replace(self, **{k: v.to(device=device) for k, v in self.tensors().items()})
+        except torch.OutOfMemoryError:
+            raise
+        except (AssertionError, RuntimeError) as err:
+            raise ValueError(f"device={device!r} is not available in this process: {err}") from None
 
     def cpu(self) -> NF4Tensor:
         return self.to("cpu")

@@ -247,3 +247,14 @@ def test_to_keeps_dtypes() -> None:
     moved = q.to("meta")
     assert moved.device.type == "meta"
     assert {k: v.dtype for k, v in moved.tensors().items()} == {k: v.dtype for k, v in q.tensors().items()}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_moving_to_a_missing_device_is_a_value_error() -> None:
+    """torch raises AssertionError ('Torch not compiled with CUDA enabled') for ``.to("cuda")``."""
+    q = quantize_nf4(torch.randn(64))
+    for move in (lambda: q.to("cuda"), q.cuda, lambda: q.cuda(1)):
+        with pytest.raises(ValueError, match=r"device=.*cuda.* is not available in this process"):
+            move()
+    with pytest.raises(ValueError, match="device='gpu' is not available"):
+        q.to("gpu")
