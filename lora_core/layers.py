@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_core import fused
+from lora_core.config import _check_alpha, _check_bool, _check_dropout
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -95,6 +96,12 @@ class LoRALinear(nn.Module):
         if features is None:
             raise TypeError(f"LoRALinear adapts nn.Linear or GPT-2 Conv1D modules, got {type(base).__name__}")
         in_features, out_features = features
+        for name, flag in (
+            ("use_rslora", use_rslora),
+            ("use_dora", use_dora),
+            ("fan_in_fan_out", fan_in_fan_out),
+        ):
+            _check_bool(name, flag)
         conv1d = is_conv1d(base)
         if fan_in_fan_out != conv1d:
             warnings.warn(
@@ -106,10 +113,8 @@ class LoRALinear(nn.Module):
             raise ValueError(
                 f"r must be an int in [1, min(in, out) = {min(in_features, out_features)}], got {r!r}"
             )
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        _check_alpha("alpha", alpha)  # a finite number > 0 (not a bool, not a string)
+        _check_dropout("dropout", dropout)
 
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha = r, float(alpha)

@@ -100,7 +100,7 @@ class _NF4WeightMixin:
             else:
                 missing_keys.append(key)
                 return
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             error_msgs.append(f"{key}: {err}")
             return
         if tuple(q.shape) != tuple(current.shape):
@@ -220,7 +220,7 @@ class QLoRALinear(_NF4WeightMixin, LoRALinear):
         if not dequantize:
             if not self.merged:
                 self.merge()
-            return NF4Linear(self._nf4, self.bias)  # type: ignore[arg-type]
+            return NF4Linear(self._nf4, self.bias).train(self.training)  # type: ignore[arg-type]
         if self.merged:  # the exact merge is gone: say so rather than hand back a silently lossy weight
             err = "unknown" if self.requantization_error is None else f"{self.requantization_error:.3g}"
             warnings.warn(
@@ -244,6 +244,7 @@ class QLoRALinear(_NF4WeightMixin, LoRALinear):
         plain.__dict__.update(self._base_attrs)
         plain.weight = nn.Parameter((w.T if self.fan_in_fan_out else w).to(q.dtype).contiguous())
         plain.bias = self.bias
+        plain.train(self.training)  # nn.Module.__init__ left it in training mode
         return plain
 
 
