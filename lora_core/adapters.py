@@ -4,15 +4,20 @@ A saved adapter is a directory::
 
     out/adapter/
     ├── adapter_config.json          LoraConfig.to_peft_dict(): peft_type "LORA", r, lora_alpha, ...
-    └── adapter_model.safetensors    base_model.model.<path>.lora_A.weight        (r, in)
-                                     base_model.model.<path>.lora_B.weight        (out, r)
-                                     base_model.model.<path>.lora_magnitude_vector (out,)    DoRA only
-                                     base_model.model.<path>.<param>     modules_to_save, trained biases
+    └── adapter_model.safetensors    base_model.model.<path>.lora_A.weight          (r, in)
+                                     base_model.model.<path>.lora_B.weight          (out, r)
+                                     base_model.model.<path>.lora_magnitude_vector  (out,)  DoRA only
+                                     base_model.model.<path>.base_layer.bias        (out,)  an adapted
+                                                                                    layer's trained bias
+                                     base_model.model.<path>.<param>    modules_to_save, other biases
 
 so ``peft.PeftModel.from_pretrained(base, "out/adapter")`` reads it, and adapters PEFT saved load here.
-Files are read with safetensors only (never pickle) and written to a temporary name first, then renamed,
-so a crash never leaves a half-written file. ``load_adapter`` checks every tensor against the model before
-it changes anything: a mismatch raises and leaves the model exactly as it was.
+Files are read with safetensors only (never pickle). ``save_adapter`` prepares both files in memory, writes
+them into a temporary sibling folder and swaps that in (``lora_core._io.atomic_write_dir``): a failure or a
+crash never leaves new weights beside an old config, or a folder without one; other files in the folder
+are kept. ``load_adapter`` checks every tensor against the model before it changes anything: a mismatch
+raises and leaves the model exactly as it was. It also reads ``<path>.bias`` for an adapted layer's bias
+(what lora_core wrote before it used PEFT's key) and PEFT's extra ``modules_to_save`` copies.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_core._io import atomic_write, atomic_write_text
+from lora_core._io import atomic_write_dir
 from lora_core.config import LoraConfig
 from lora_core.layers import linear_features
 from lora_core.model import apply_lora, find_modules_to_save, find_targets, get_lora_config, lora_layers
@@ -36,59 +42,112 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).model (the user's model)
 
 
+def _is_bias(name: str) -> bool:
+    return name == "bias" or name.endswith(".bias")  # apply_lora's rule for bias="all"
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter consists of, keyed as PEFT saves them (without the ``base_model.model.``
-    prefix): LoRA factors, DoRA magnitudes, ``modules_to_save`` parameters and trained biases."""
+    prefix): LoRA factors, DoRA magnitudes, ``modules_to_save`` parameters and trained biases.
+
+    A trained bias of an adapted layer is ``<path>.base_layer.bias``: in PEFT that layer wraps the original
+    module as ``base_layer`` (PEFT would drop a ``<path>.bias`` silently and add no bias of ours)."""
     cfg = get_lora_config(model)
     out: dict[str, torch.Tensor] = {}
+    adapted = set()
     for path, layer in lora_layers(model):
         pre = f"{path}." if path else ""
         out[f"{pre}lora_A.weight"] = layer.lora_A.weight
         out[f"{pre}lora_B.weight"] = layer.lora_B.weight
         if layer.use_dora:
             out[f"{pre}lora_magnitude_vector"] = layer.lora_magnitude_vector
-        if cfg.bias == "lora_only" and layer.bias is not None:
-            out[f"{pre}bias"] = layer.bias
+        if cfg.bias != "none" and layer.bias is not None:
+            out[f"{pre}base_layer.bias"] = layer.bias
+        adapted.add(f"{pre}bias")
     if cfg.bias == "all":
-        out.update({n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")})
+        out.update({n: p for n, p in model.named_parameters() if _is_bias(n) and n not in adapted})
     for path in find_modules_to_save(model, cfg):
         out.update({f"{path}.{n}": p for n, p in model.get_submodule(path).named_parameters()})
     return out
 
 
+def _name_or_path(value: object) -> str | None:
+    """``base_model_name_or_path`` as PEFT stores it: a str (a path is written as its string) or None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+        return os.fspath(value)
+    raise TypeError(f"base_model_name_or_path must be a str, an os.PathLike or None, got {value!r}")
+
+
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write the adapter of ``model`` to the directory ``path`` (created if needed) in PEFT's layout.
+
+    Atomic per adapter: the config and the tensors are validated and prepared first, both files are written
+    into a temporary sibling folder, which then replaces ``path``. Any failure (a bad argument, a full disk)
+    leaves a previous adapter at ``path`` as it was, byte for byte, and no new folder for a fresh ``path``.
+    Other files in an existing ``path`` (a README, PEFT's subfolders for other adapters) are kept.
 
     Args:
         model: a model that went through ``apply_lora`` or ``load_adapter`` (merged or not).
         path: the adapter directory.
-        base_model_name_or_path: recorded in ``adapter_config.json`` (PEFT uses it to find the base).
+        base_model_name_or_path: recorded in ``adapter_config.json`` (PEFT uses it to find the base);
+            default: the config's own.
 
     Returns:
         The directory, as a ``Path``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``path`` is not a str or path;
+            ``base_model_name_or_path`` (the argument or the config's) is not a str, a path or None.
+        ValueError: the model has no LoRA layers; ``path`` exists and is not a directory.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"path {str(directory)!r} exists and is not a directory")
     cfg = get_lora_config(model)
-    if base_model_name_or_path is not None:
-        cfg = LoraConfig(**{**cfg.__dict__, "base_model_name_or_path": base_model_name_or_path})
+    name = _name_or_path(
+        cfg.base_model_name_or_path if base_model_name_or_path is None else base_model_name_or_path
+    )
+    cfg = LoraConfig(**{**cfg.__dict__, "base_model_name_or_path": name})
+    try:
+        text = json.dumps(cfg.to_peft_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as err:  # defence in depth: every field is validated already
+        raise TypeError(f"the adapter config cannot be written as JSON: {err}") from None
     # clone: safetensors refuses tensors that share storage (e.g. tied weights in modules_to_save)
     tensors = {
         PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()
     }
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt"}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    text = json.dumps(cfg.to_peft_dict(), indent=2, sort_keys=True) + "\n"
-    atomic_write_text(directory / CONFIG_NAME, text)
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+
+    atomic_write_dir(directory, fill, keep_other_files=True)
     return directory
 
 
 def read_adapter(
     path: str | os.PathLike[str], **overrides: Any
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Read an adapter directory: its config and its tensors (keys without the PEFT prefix)."""
+    """Read an adapter directory: its config and its tensors (keys without the PEFT prefix).
+
+    Raises:
+        TypeError: ``path`` is not a str or path.
+        FileNotFoundError: the directory or one of its two files is missing.
+        ValueError: a file that is not UTF-8 JSON / not safetensors (the file is named); a bad config.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
@@ -100,10 +159,15 @@ def read_adapter(
         data = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{directory / CONFIG_NAME}: not valid JSON ({err})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{directory / CONFIG_NAME}: not UTF-8 text, so not JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{directory / CONFIG_NAME}: expected a JSON object, got {type(data).__name__}")
     cfg = LoraConfig.from_peft_dict(data, **overrides)
-    raw = load_file(str(directory / WEIGHTS_NAME))
+    try:
+        raw = load_file(str(directory / WEIGHTS_NAME))
+    except SafetensorError as err:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: not a valid safetensors file ({err})") from None
     tensors = {k.removeprefix(PREFIX): v for k, v in raw.items()}
     return cfg, tensors
 
@@ -126,6 +190,37 @@ def _expected_tensors(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int,
         for n, p in model.get_submodule(path).named_parameters():
             expected[f"{path}.{n}"] = tuple(p.shape)
     return expected
+
+
+def _optional_tensors(
+    model: nn.Module, cfg: LoraConfig, expected: dict[str, tuple[int, ...]]
+) -> dict[str, str]:
+    """Keys an adapter may also hold, mapped to the parameter they set ("" for one that is skipped).
+
+    - trained biases: an adapted layer's as PEFT saves it (``<path>.base_layer.bias``) or as lora_core did
+      before (``<path>.bias``); with ``bias="all"`` every other bias under its own name;
+    - PEFT's extra copies of a ``modules_to_save`` module's parameters, written with ``bias="all"``:
+      ``<path>.modules_to_save.<p>`` (the trained one again) and ``<path>.original_module.<p>`` (the base's
+      own, untrained: skipped, the base model has it).
+    """
+    params = dict(model.named_parameters())
+    optional: dict[str, str] = {}
+    if cfg.bias != "none":
+        for path in find_targets(model, cfg):
+            pre = f"{path}." if path else ""
+            if f"{pre}bias" in params:
+                optional[f"{pre}base_layer.bias"] = optional[f"{pre}bias"] = f"{pre}bias"
+    if cfg.bias == "all":
+        for n in params:
+            if _is_bias(n):
+                optional.setdefault(n, n)
+    for path in find_modules_to_save(model, cfg):
+        for n, _ in model.get_submodule(path).named_parameters():
+            optional[f"{path}.modules_to_save.{n}"] = f"{path}.{n}"
+            optional[f"{path}.original_module.{n}"] = ""
+    for key in expected:
+        optional.pop(key, None)
+    return optional
 
 
 def load_adapter(
@@ -154,24 +249,29 @@ def load_adapter(
         ``model``, with the adapter applied.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``path`` is not a str or path.
         FileNotFoundError: the directory or one of its two files is missing.
-        ValueError: bad config; the model already has LoRA layers; a target that does not exist; a tensor
-            missing, unexpected or of the wrong shape (the first such key is named).
+        ValueError: a file that is not UTF-8 JSON / safetensors; bad config; the model already has LoRA
+            layers; a target that does not exist; a tensor missing, unexpected, of the wrong shape or
+            dtype, or holding NaN/inf (the first such key is named).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg, tensors = read_adapter(
         path, quantize=quantize, quant_block_size=quant_block_size, double_quant=double_quant
     )
     if any(True for _ in lora_layers(model)):
         raise ValueError("the model already has LoRA layers; load the adapter into a fresh base model")
     expected = _expected_tensors(model, cfg)
+    optional = _optional_tensors(model, cfg, expected)
     params = dict(model.named_parameters())
-    biases = {}
+    writes: dict[str, tuple[str, torch.Tensor]] = {}  # parameter name -> (adapter key, value)
     for key, tensor in tensors.items():
         if key in expected:
-            want = expected[key]
-        elif cfg.bias != "none" and key.endswith("bias") and key.replace(".base_layer.", ".") in params:
-            biases[key] = key.replace(".base_layer.", ".")
-            want = tuple(params[biases[key]].shape)
+            name, want = key, expected[key]
+        elif key in optional:
+            name = optional[key]
+            want = tuple(params[name or key.replace(".original_module.", ".")].shape)
         else:
             raise ValueError(f"adapter tensor {key!r} does not belong to any target of this model")
         if tuple(tensor.shape) != want:
@@ -180,7 +280,19 @@ def load_adapter(
             )
         if not tensor.is_floating_point():
             raise ValueError(f"adapter tensor {key!r} has dtype {tensor.dtype}; expected a floating dtype")
-    missing = [k for k in expected if k not in tensors]
+        if not torch.isfinite(tensor).all():  # a diverged run's adapter: loading it would only give NaNs
+            bad = tensor[~torch.isfinite(tensor)][0].item()
+            raise ValueError(
+                f"adapter tensor {key!r} holds non-finite values (e.g. {bad}); refusing to load it"
+            )
+        if not name:
+            continue
+        if name in writes and not torch.equal(writes[name][1], tensor):
+            raise ValueError(
+                f"adapter tensors {writes[name][0]!r} and {key!r} give {name!r} different values"
+            )
+        writes[name] = (key, tensor)
+    missing = [k for k in expected if k not in writes]
     if missing:
         raise ValueError(f"adapter has no tensor {missing[0]!r} (and {len(missing) - 1} more missing)")
 
@@ -188,9 +300,8 @@ def load_adapter(
     model = apply_lora(model, cfg)
     current = dict(model.named_parameters())
     with torch.no_grad():
-        for key, tensor in tensors.items():
-            target = current[biases.get(key, key)]
-            target.copy_(tensor.to(device=target.device))
+        for name, (_, tensor) in writes.items():
+            current[name].copy_(tensor.to(device=current[name].device))
     if not is_trainable:
         model.requires_grad_(False)
         model.eval()

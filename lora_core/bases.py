@@ -291,7 +291,7 @@ class NF4Base:
             else:
                 missing.append(key)
                 return
-        except ValueError as err:
+        except (ValueError, TypeError) as err:  # a malformed entry: reported, the layer keeps its weight
             errors.append(f"{key}: {err}")
             return
         if tuple(q.shape) != tuple(current.shape):

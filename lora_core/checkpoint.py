@@ -61,7 +61,9 @@ def read_bnb_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     bitsandbytes__nf4`` becomes one `NF4Tensor` under ``<name>``; other keys pass through unchanged.
 
     Raises:
-        ValueError: an FP4 weight (``...bitsandbytes__fp4``), or a quantized entry that is incomplete.
+        ValueError: an FP4 weight (``...bitsandbytes__fp4``), or a quantized entry that is incomplete or
+            malformed (see `lora_core.nf4_bnb.from_bnb_state`); the message names the key.
+        TypeError: an entry of a quantized weight that is not a tensor.
     """
     fp4 = [k for k in state if k.endswith(".quant_state.bitsandbytes__fp4")]
     if fp4:

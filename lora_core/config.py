@@ -116,14 +116,16 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
-        _check_alpha("alpha", self.alpha)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise TypeError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_alpha("alpha", self.alpha)
+        check_dropout("dropout", self.dropout)
         self.dropout = float(self.dropout)
         self.alpha = float(self.alpha)
         self.target_modules = _str_list(self.target_modules, "target_modules")
+        if self.target_modules == []:
+            raise ValueError(
+                "target_modules is an empty list, so nothing would be adapted; give module names (e.g. "
+                "['q_proj', 'v_proj']), a regex string, 'all-linear', or None for the model type's defaults"
+            )
         self.exclude_modules = _str_list(self.exclude_modules, "exclude_modules")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -138,24 +140,24 @@ class LoraConfig:
         if self.task_type is not None:
             _check_choice("task_type", self.task_type, TASK_TYPES)
         for name in ("use_rslora", "use_dora", "fan_in_fan_out", "double_quant"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
+        for name in ("layers_pattern", "base_model_name_or_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string or None, got {getattr(self, name)!r}")
         bs = self.quant_block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs > 4096 or bs & (bs - 1):
             raise ValueError(f"quant_block_size must be a power of two in [16, 4096], got {bs!r}")
         ltt = self.layers_to_transform
-        if isinstance(ltt, int) and not isinstance(ltt, bool):
-            self.layers_to_transform = [ltt]
-        elif ltt is not None:
-            if not isinstance(ltt, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ltt
+        if ltt is not None:
+            one = isinstance(ltt, int) and not isinstance(ltt, bool)  # one index, as PEFT allows
+            items = [ltt] if one else ltt
+            if not isinstance(items, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
             ):
                 raise ValueError(
                     f"layers_to_transform must be a non-negative int or a list of them, got {ltt!r}"
                 )
-            self.layers_to_transform = list(ltt)
-        if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
-            raise TypeError(f"layers_pattern must be a string or None, got {self.layers_pattern!r}")
+            self.layers_to_transform = list(items)
         # PEFT's rules (its LoraConfig refuses these, so an adapter saved with them would not load there):
         # a regex already says which layers; a layers_pattern alone would be silently ignored.
         regex = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
@@ -164,11 +166,13 @@ class LoraConfig:
                 raise ValueError(f"{name} cannot be used when target_modules is a regex; put the layer in it")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform (it only says where the index is)")
-        for pattern_name, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        for pattern_name, check in (("rank_pattern", _check_rank), ("alpha_pattern", check_alpha)):
             pattern = getattr(self, pattern_name)
             if not isinstance(pattern, dict):
                 raise TypeError(f"{pattern_name} must be a dict {{regex: value}}, got {pattern!r}")
             for key, value in pattern.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"{pattern_name} keys must be regex strings, got {key!r}")
                 _check_regex(f"{pattern_name} key", key)
                 check(f"{pattern_name}[{key!r}]", value)
 
@@ -268,11 +272,24 @@ def _check_rank(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be ≥ 1, got {value}")
 
 
-def _check_alpha(name: str, value: Any) -> None:
+def check_alpha(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive number, got {value!r}")
     if not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_dropout(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """TypeError naming ``name`` unless ``value`` is a bool (a truthy string or 1 must not pass as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lora_core import dispatch, reference
 from lora_core.bases import DenseBase, FrozenBase, HoldsFrozenBase, NF4Base, is_conv1d, linear_features
+from lora_core.config import check_alpha, check_bool, check_dropout
 from lora_core.fused import fused_dora_linear, fused_lora_linear
 
 
@@ -79,6 +80,12 @@ class LoRALinear(HoldsFrozenBase):
         if features is None:
             raise TypeError(f"LoRALinear adapts nn.Linear or GPT-2 Conv1D modules, got {type(base).__name__}")
         in_features, out_features = features
+        for name, flag in (
+            ("use_rslora", use_rslora),
+            ("use_dora", use_dora),
+            ("fan_in_fan_out", fan_in_fan_out),
+        ):
+            check_bool(name, flag)
         conv1d = is_conv1d(base)
         if fan_in_fan_out != conv1d:
             warnings.warn(
@@ -90,10 +97,8 @@ class LoRALinear(HoldsFrozenBase):
             raise ValueError(
                 f"r must be an int in [1, min(in, out) = {min(in_features, out_features)}], got {r!r}"
             )
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_alpha("alpha", alpha)  # a finite number > 0 (not a bool, not a string)
+        check_dropout("dropout", dropout)
 
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha = r, float(alpha)

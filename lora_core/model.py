@@ -1,7 +1,7 @@
 """Model surgery: put LoRA layers into any ``nn.Module``, fold them in, take them out.
 
     apply_lora(model, cfg)   every target Linear/Conv1D → LoRALinear (in place); base frozen
-    merge_lora / unmerge_lora    W₀ ⇄ W₀ + s·BA in every layer (exact round trip up to rounding)
+    merge_lora / unmerge_lora    W₀ ⇄ W₀ + s·BA in every layer not yet / already merged (exact up to rounding)
     unload_lora(model)           merged, adapters gone: the plain modules again
     trainable_parameters(model)  how much of the model trains
 
@@ -187,6 +187,21 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
 
+def _check_device(device: object, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that this process can allocate on; TypeError / ValueError naming
+    ``name`` otherwise (torch would raise AssertionError for "cuda" without CUDA, and only on first use)."""
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise TypeError(
+            f"{name} must be a torch.device, a name such as 'cpu' or 'cuda:0', or None; got {device!r}"
+        )
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)  # the cheapest way to ask torch whether the device exists here
+    except (AssertionError, RuntimeError) as err:
+        raise ValueError(f"{name}={device!r} is not available in this process: {err}") from None
+    return dev
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | None = None) -> nn.Module:
     """Replace the target layers of ``model`` by ``LoRALinear`` (in place) and freeze everything else.
 
@@ -202,8 +217,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
 
     Raises:
         ValueError: LoRA already applied; a target name that matches nothing (the message lists the closest
-            module names); ``r`` larger than a layer's ``min(in, out)``; nothing left to adapt.
-        TypeError: ``cfg`` is not a LoraConfig; a target is not a linear layer.
+            module names); ``r`` larger than a layer's ``min(in, out)``; nothing left to adapt; a ``device``
+            this process cannot use (e.g. ``"cuda"`` without CUDA).
+        TypeError: ``cfg`` is not a LoraConfig; a target is not a linear layer; ``device`` of another type.
     """
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"cfg must be a lora_core.LoraConfig, got {type(cfg).__name__}")
@@ -221,7 +237,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
 
     # Validate everything before touching the model.
     if device is not None:
-        device = torch.device(device)  # a bad name fails here, not halfway through the surgery
+        device = _check_device(device)  # a bad or absent device fails here, not halfway through the surgery
     paths = find_targets(model, cfg)
     to_save = find_modules_to_save(model, cfg)
     modules = dict(model.named_modules())
@@ -297,29 +313,33 @@ def _layers_or_raise(model: nn.Module) -> list[LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (for inference); returns ``model``.
+    """Fold every adapter into its base weight (for inference); returns ``model``. Layers already merged
+    by hand (``layer.merge()``) are left as they are, so a partly merged model ends up fully merged.
 
     Raises:
-        ValueError: no LoRA layers, or already merged (nothing is changed then).
+        ValueError: no LoRA layers, or every layer already merged (nothing is changed then).
     """
     layers = _layers_or_raise(model)
-    if any(layer.merged for layer in layers):
+    todo = [layer for layer in layers if not layer.merged]
+    if not todo:
         raise ValueError("the model is already merged; unmerge_lora(model) first")
-    for layer in layers:
+    for layer in todo:
         layer.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_lora``; returns ``model``.
+    """Undo ``merge_lora``; returns ``model``. Only the merged layers are unmerged, so a partly merged
+    model (one ``layer.merge()`` by hand) ends up fully unmerged.
 
     Raises:
-        ValueError: no LoRA layers, or not merged (nothing is changed then).
+        ValueError: no LoRA layers, or no layer merged (nothing is changed then).
     """
     layers = _layers_or_raise(model)
-    if not all(layer.merged for layer in layers):
+    todo = [layer for layer in layers if layer.merged]
+    if not todo:
         raise ValueError("the model is not merged; nothing to unmerge")
-    for layer in layers:
+    for layer in todo:
         layer.unmerge()
     return model
 

@@ -24,7 +24,8 @@ Rounding, to the bit (read off bitsandbytes 0.50's CPU path, which the tests com
   bucket between float32 midpoints ``(code[i] + code[i+1]) / 2`` holds it; a value exactly on a midpoint
   goes to the LOWER code.
 - 8-bit (the nested absmax): bitsandbytes' dynamic map and CPU lookup table, see `lora_core.nf4_bnb`.
-- ``offset`` is torch's float32 ``mean`` of the absmax vector.
+- ``offset`` is torch's float32 ``mean`` of the absmax vector (where that sum overflows, ``|w| ≳ 1e38``,
+  bitsandbytes gets NaN; we take the float64 mean rounded to float32).
 
 ```
 w (out, in) ─flatten─► blocks of 64 ─÷absmax─► nearest NF4 code ─► 2 per byte ─► packed uint8
@@ -136,8 +137,14 @@ class NF4Tensor:
         return 8.0 * self.nbytes / max(self.numel, 1)
 
     def to(self, device: torch.device | str) -> NF4Tensor:
-        """A copy on ``device``; every tensor keeps its dtype (uint8 codes, float32 scales)."""
-        return replace(self, **{k: v.to(device=device) for k, v in self.tensors().items()})
+        """A copy on ``device``; every tensor keeps its dtype (uint8 codes, float32 scales). ValueError for a
+        device this process cannot use (torch raises AssertionError for "cuda" without CUDA)."""
+        try:
+            return replace(self, **{k: v.to(device=device) for k, v in self.tensors().items()})
+        except torch.OutOfMemoryError:
+            raise
+        except (AssertionError, RuntimeError) as err:
+            raise ValueError(f"device={device!r} is not available in this process: {err}") from None
 
     def cpu(self) -> NF4Tensor:
         return self.to("cpu")
@@ -163,7 +170,9 @@ class NF4Tensor:
         """Read what `to_bnb_state` (or bitsandbytes' ``Linear4bit.state_dict``) wrote under ``prefix``.
 
         Raises:
-            ValueError: FP4, a missing key, or sizes / dtypes that do not fit the recorded shape.
+            ValueError: FP4, a missing key, a malformed quant-state blob or field, sizes / dtypes that do
+                not fit the recorded shape, a NaN / inf / negative scale (see `lora_core.nf4_bnb`).
+            TypeError: an entry that is not a tensor.
         """
         return from_bnb_state(tensors, prefix, cls)
 
@@ -246,6 +255,12 @@ def _check_weight(w: object) -> torch.Tensor:
     if w.numel() and not bool(torch.isfinite(w).all()):
         what = "NaN" if bool(torch.isnan(w).any()) else "inf"
         raise ValueError(f"w contains {what}; NF4 needs finite weights")
+    if w.numel() and w.dtype == torch.float64:  # quantized through float32: its range is the limit
+        big = max(float(w.amax()), -float(w.amin()))
+        if not torch.isfinite(torch.tensor(big, dtype=torch.float32)):
+            raise ValueError(
+                f"w has |values| up to {big:.3g}, beyond float32's range (NF4 scales are float32)"
+            )
     return w
 
 
@@ -303,8 +318,8 @@ def quantize_nf4(
     """Quantize ``w`` to NF4 exactly as bitsandbytes' ``quantize_4bit(quant_type="nf4")`` does.
 
     Args:
-        w: float32 / bfloat16 / float16 (float64 is accepted and rounded to float32 first), any shape,
-            finite. Empty tensors give an empty `NF4Tensor`.
+        w: float32 / bfloat16 / float16 (float64 is accepted and rounded to float32 first, so it must
+            lie in float32's range), any shape, finite. Empty tensors give an empty `NF4Tensor`.
         block_size: elements per absmax block, a power of two in [16, 4096] (QLoRA: 64).
         double_quant: quantize the absmax vector too (QLoRA §3 "Double Quantization"; bitsandbytes'
             ``compress_statistics=True``): 8-bit dynamic codes in blocks of 256 around their mean.
@@ -312,8 +327,17 @@ def quantize_nf4(
 
     Returns:
         An `NF4Tensor` on ``w``'s device.
+
+    Raises:
+        ValueError: NaN / inf in ``w``, float64 beyond float32's range, a bad ``block_size``, or (double
+            quantization) ``|w|`` so close to float32's limit that the dequantized scales would overflow.
+            Where bitsandbytes' float32 ``mean(absmax)`` overflows (``|w| ≳ 1e38``), the offset is the
+            float64 mean rounded to float32 instead of bitsandbytes' NaN.
+        TypeError: ``w`` not a tensor, ``block_size`` not an int, ``double_quant`` not a bool.
     """
     _check_block_size(block_size)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
     w = _check_weight(w)
     packed, absmax = _quantize_4bit(w.detach().reshape(-1), block_size, _chunk)  # float32 per chunk
     q = NF4Tensor(
@@ -327,8 +351,10 @@ def quantize_nf4(
     if not double_quant:
         return q
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+    if not bool(torch.isfinite(offset)):  # the float32 sum overflowed (|w| ≳ 1e38): bitsandbytes gives NaN
+        offset = absmax.double().mean().float()  # the mean itself is in range
     q8, nested_absmax = _quantize_8bit_dynamic(absmax - offset, 256)
-    return replace(
+    q = replace(
         q,
         absmax=q8,
         nested_absmax=nested_absmax,
@@ -336,6 +362,12 @@ def quantize_nf4(
         nested_block_size=256,
         offset=offset,
     )
+    if absmax.numel() and not bool(torch.isfinite(nf4_block_scales(q)).all()):  # code·scale + offset
+        raise ValueError(
+            f"w has |values| up to {float(absmax.max()):.3g}: too close to float32's limit for double "
+            "quantization (its scales would overflow); use double_quant=False"
+        )
+    return q
 
 
 def nf4_block_scales(q: NF4Tensor) -> torch.Tensor:
@@ -361,6 +393,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     return nf4_dequantize_ref(q, dtype)

@@ -34,6 +34,7 @@ cycle, whichever of the two is imported first.
 from __future__ import annotations
 
 import json
+import math
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -170,6 +171,78 @@ def to_bnb_state(q: NF4Tensor, prefix: str = "weight") -> dict[str, torch.Tensor
     return out
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_blob(blob: object, key: str) -> dict[str, object]:
+    """The quant-state tensor → its JSON object; ValueError naming ``key`` for anything else."""
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8:
+        got = f"a {blob.dtype} tensor" if isinstance(blob, torch.Tensor) else f"a {type(blob).__name__}"
+        raise ValueError(f"{key} must be a uint8 tensor holding a UTF-8 JSON object, got {got}")
+    raw = bytes(blob.reshape(-1).cpu().tolist())
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{key} is not UTF-8 text ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{key} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{key} must be a JSON object (quant_type, blocksize, dtype, shape, ...), got a JSON "
+            f"{type(meta).__name__}"
+        )
+    return meta
+
+
+def _check_meta(meta: dict[str, object], key: str, nested: bool) -> tuple[torch.dtype, torch.Tensor | None]:
+    """Types and ranges of the blob's fields (``blocksize`` is left to `check_nf4_fields`); returns the
+    dtype and, with double quantization, the offset as a float32 0-dim tensor."""
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise ValueError(f"{key}: 'shape' must be a list of non-negative ints, got {shape!r}")
+    dtype = getattr(torch, meta["dtype"], None) if isinstance(meta["dtype"], str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"{key}: 'dtype' must name a floating-point torch dtype ('bfloat16', 'float16', 'float32', "
+            f"'float64'), got {meta['dtype']!r}"
+        )
+    if not nested:
+        return dtype, None
+    nbs = meta["nested_blocksize"]
+    if not _is_int(nbs) or nbs <= 0 or nbs & (nbs - 1):  # type: ignore[operator]
+        raise ValueError(
+            f"{key}: 'nested_blocksize' must be a power-of-two int (bitsandbytes: 256), got {nbs!r}"
+        )
+    off = meta["nested_offset"]
+    ok = isinstance(off, (int, float)) and not isinstance(off, bool) and math.isfinite(off)
+    offset = torch.tensor(float(off), dtype=torch.float32) if ok else None  # type: ignore[arg-type]
+    if offset is None or not bool(torch.isfinite(offset)):
+        raise ValueError(
+            f"{key}: 'nested_offset' must be a finite number within float32's range, got {off!r}"
+        )
+    return dtype, offset
+
+
+def _check_scales(q: NF4Tensor, prefix: str) -> None:
+    """The float tables and scales must be finite (and the scales ≥ 0): a NaN or a negative absmax would
+    dequantize to NaN or to sign-flipped weights without any error."""
+    checks = [(f"{prefix}.quant_map", q.code, False)]
+    if q.double_quant:
+        assert q.nested_absmax is not None and q.nested_code is not None  # double_quant's invariant
+        checks += [
+            (f"{prefix}.nested_absmax", q.nested_absmax, True),
+            (f"{prefix}.nested_quant_map", q.nested_code, False),
+        ]
+    else:
+        checks.append((f"{prefix}.absmax", q.absmax, True))
+    for key, t, scale in checks:
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{key} must be finite, got {'NaN' if bool(t.isnan().any()) else 'inf'}")
+        if scale and t.numel() and bool((t < 0).any()):
+            raise ValueError(f"{key} holds block absolute maxima and must be >= 0, got {float(t.min()):g}")
+
+
 def from_bnb_state(
     tensors: dict[str, torch.Tensor], prefix: str = "weight", cls: type[NF4Tensor] | None = None
 ) -> NF4Tensor:
@@ -182,7 +255,11 @@ def from_bnb_state(
             `NF4Tensor`.
 
     Raises:
-        ValueError: FP4, a missing key, or sizes / dtypes that do not fit the recorded shape.
+        ValueError: FP4; a missing key; a quant-state blob that is not a uint8 UTF-8 JSON object, or whose
+            fields have the wrong type or range (``shape`` a list of ints ≥ 0, ``dtype`` a floating-point
+            torch dtype, ``nested_offset`` finite in float32, ...); sizes / dtypes that do not fit the
+            recorded shape; a NaN / inf table or scale, or a negative scale.
+        TypeError: an entry that is not a tensor.
     """
     if cls is None:
         import lora_core.nf4  # lazy: nf4 imports this module at its top (see the module docstring)
@@ -195,7 +272,7 @@ def from_bnb_state(
         if fp4 in tensors:
             raise ValueError(f"{fp4!r}: FP4 weights are not supported (NF4 only)")
         raise ValueError(f"missing key {key!r}")
-    meta = json.loads(bytes(tensors[key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+    meta = _read_blob(tensors[key], key)
     if meta.get("quant_type") != "nf4":
         raise ValueError(f"{key}: quant_type {meta.get('quant_type')!r} is not 'nf4'")
     nested = "nested_blocksize" in meta or f"{prefix}.nested_absmax" in tensors
@@ -206,25 +283,28 @@ def from_bnb_state(
     missing += [f"{key}: {k}" for k in ("nested_blocksize", "nested_offset") if nested and k not in meta]
     if missing:
         raise ValueError(f"incomplete NF4 entry {prefix!r}: missing {missing}")
-    dtype = getattr(torch, str(meta["dtype"]), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{key}: unknown dtype {meta['dtype']!r}")
+    for k in needed:
+        if not isinstance(tensors[k], torch.Tensor):
+            raise TypeError(f"{k} must be a torch.Tensor, got {type(tensors[k]).__name__}")
+    dtype, offset = _check_meta(meta, key, nested)
     packed = tensors[prefix].reshape(-1)
     if packed.dtype != torch.uint8:  # bnb's quant_storage may be another dtype; the bytes are the same
         packed = packed.contiguous().view(torch.uint8)
     q = cls(
         packed=packed,
         absmax=tensors[f"{prefix}.absmax"].reshape(-1),
-        shape=torch.Size(meta["shape"]),
+        shape=torch.Size(meta["shape"]),  # type: ignore[arg-type]
         dtype=dtype,
-        block_size=meta["blocksize"],
+        block_size=meta["blocksize"],  # type: ignore[arg-type]
         code=tensors[f"{prefix}.quant_map"].float(),
         nested_absmax=tensors[f"{prefix}.nested_absmax"].float() if nested else None,
         nested_code=tensors[f"{prefix}.nested_quant_map"].float() if nested else None,
-        nested_block_size=meta["nested_blocksize"] if nested else None,
-        offset=torch.tensor(float(meta["nested_offset"]), device=packed.device) if nested else None,
+        nested_block_size=meta["nested_blocksize"] if nested else None,  # type: ignore[arg-type]
+        offset=offset.to(packed.device) if offset is not None else None,
     )
-    return check_nf4_fields(q, prefix)
+    check_nf4_fields(q, prefix)
+    _check_scales(q, prefix)
+    return q
 
 
 __all__ = ["check_nf4_fields", "dynamic_map_signed", "from_bnb_state", "to_bnb_state"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lora_core as lc
+from lora_core import adapters
 from lora_core.model import lora_layers
 
 
@@ -80,7 +83,8 @@ def test_save_then_load_reproduces_the_model(base, tmp_path, kwargs):
         assert tensors["base_model.model.body.v_proj.lora_magnitude_vector"].shape == (4,)
     if kwargs.get("task_type"):
         assert (
-            "base_model.model.classifier.weight" in tensors and "base_model.model.body.q_proj.bias" in tensors
+            "base_model.model.classifier.weight" in tensors
+            and "base_model.model.body.q_proj.base_layer.bias" in tensors
         )
     loaded = lc.load_adapter(copy.deepcopy(base), out)
     assert torch.equal(loaded(X), y)
@@ -163,3 +167,164 @@ def test_load_into_a_model_that_has_lora_already(base, tmp_path):
 def test_save_without_lora_is_an_error(base, tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         lc.save_adapter(base, tmp_path)
+
+
+# ---- saving is atomic per adapter: the previous adapter survives any failure, byte for byte -------------
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("cfg_kwargs", "save_kwargs", "error", "message"),
+    [
+        ({}, {"base_model_name_or_path": 42}, TypeError, "base_model_name_or_path must be a str"),
+        ({}, {"base_model_name_or_path": b"tiny"}, TypeError, "base_model_name_or_path must be a str"),
+        ({"base_model_name_or_path": object()}, {}, TypeError, "base_model_name_or_path must be a str"),
+    ],
+)
+def test_a_config_that_cannot_be_written_leaves_the_old_adapter(
+    base, tmp_path, cfg_kwargs, save_kwargs, error, message
+):
+    out = tmp_path / "adapter"
+    lc.save_adapter(_adapted(base), out)
+    (out / "README.md").write_text("model card")
+    before = _snapshot(out)
+    with pytest.raises(error, match=message):
+        lc.save_adapter(_adapted(base, use_dora=True, **cfg_kwargs), out, **save_kwargs)
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary left behind
+    lc.load_adapter(copy.deepcopy(base), out)
+
+
+def test_a_path_is_recorded_as_a_string(base, tmp_path):
+    out = lc.save_adapter(_adapted(base), tmp_path / "a", base_model_name_or_path=tmp_path / "base")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base"
+    )
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_writing_the_weights_leaves_nothing_half_written(base, tmp_path, monkeypatch):
+    # The seam: the module's own reference to safetensors' save_file, the call that writes the big file.
+    monkeypatch.setattr(adapters, "save_file", _disk_full)
+    with pytest.raises(OSError, match="No space"):
+        lc.save_adapter(_adapted(base), tmp_path / "fresh")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary
+    monkeypatch.undo()
+    out = lc.save_adapter(_adapted(base), tmp_path / "adapter")
+    before = _snapshot(out)
+    monkeypatch.setattr(adapters, "save_file", _disk_full)
+    with pytest.raises(OSError, match="No space"):
+        lc.save_adapter(_adapted(base, use_dora=True), out)
+    assert _snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_saving_over_an_adapter_keeps_the_other_files_in_its_folder(base, tmp_path):
+    out = lc.save_adapter(_adapted(base), tmp_path / "adapter")
+    (out / "README.md").write_text("model card")
+    (out / "other").mkdir()  # e.g. PEFT's subfolder for a second adapter
+    (out / "other" / "adapter_config.json").write_text("{}")
+    model = _adapted(base, use_dora=True)
+    lc.save_adapter(model, out)
+    names = ["README.md", "adapter_config.json", "adapter_model.safetensors", "other"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert (out / "README.md").read_text() == "model card"
+    assert (out / "other" / "adapter_config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    torch.testing.assert_close(lc.load_adapter(copy.deepcopy(base), out)(X), model(X))
+
+
+def test_save_argument_types(base, tmp_path):
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
+        lc.save_adapter(None, tmp_path)
+    with pytest.raises(TypeError, match=r"path must be a str or os.PathLike"):
+        lc.save_adapter(_adapted(base), None)
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(ValueError, match=r"path .* is not a directory"):
+        lc.save_adapter(_adapted(base), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+# ---- bad input to load_adapter: a clear error and the model unchanged ------------------------------------
+def _fingerprint(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[str, type]], list[bool]]:
+    return (
+        _state(model),
+        [(n, type(m)) for n, m in model.named_modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def _assert_unchanged(model: nn.Module, before) -> None:
+    state, types, grads = _fingerprint(model)
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+    assert types == before[1] and grads == before[2]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_tensor_is_refused_by_name(base, tmp_path, bad):
+    def edit(t, c):
+        t[P + "v_proj.lora_B.weight"][1, 0] = bad
+
+    _corrupt(tmp_path, base, edit)
+    target = copy.deepcopy(base)
+    before = _fingerprint(target)
+    with pytest.raises(ValueError, match=r"'body\.v_proj\.lora_B\.weight'.*(nan|inf)"):
+        lc.load_adapter(target, tmp_path)
+    _assert_unchanged(target, before)
+
+
+def test_unreadable_files_are_value_errors_naming_the_file(base, tmp_path):
+    lc.save_adapter(_adapted(base), tmp_path)
+    target = copy.deepcopy(base)
+    before = _fingerprint(target)
+    config = tmp_path / "adapter_config.json"
+    good = config.read_bytes()
+    config.write_bytes(good.replace(b'"LORA"', b'"LOR\xff"'))  # not UTF-8
+    with pytest.raises(ValueError, match=r"adapter_config\.json.*UTF-8"):
+        lc.load_adapter(target, tmp_path)
+    config.write_bytes(good)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*not a valid safetensors"):
+        lc.load_adapter(target, tmp_path)
+    _assert_unchanged(target, before)
+
+
+def test_load_argument_types(base, tmp_path):
+    lc.save_adapter(_adapted(base), tmp_path)
+    target = copy.deepcopy(base)
+    before = _fingerprint(target)
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got NoneType"):
+        lc.load_adapter(target, None)
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got NoneType"):
+        lc.load_adapter(None, tmp_path)
+    _assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_in_peft_keys_and_in_the_old_lora_core_keys(base, tmp_path, bias):
+    model = _adapted(base, bias=bias)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") and p.requires_grad:
+                p.normal_()
+    y = model(X)
+    lc.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    biases = sorted(k.removeprefix("base_model.model.") for k in tensors if k.endswith("bias"))
+    adapted = ["body.q_proj.base_layer.bias", "body.v_proj.base_layer.bias"]
+    assert biases == (adapted if bias == "lora_only" else ["body.out.bias", *adapted, "classifier.bias"])
+    # lora_core wrote `<path>.bias` for an adapted layer before: such adapters still load
+    old = {k.replace(".base_layer.bias", ".bias"): v for k, v in tensors.items()}
+    save_file(old, tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(lc.load_adapter(copy.deepcopy(base), tmp_path)(X), y)
+    # both names for one bias, with different values: ambiguous, refused
+    both = {**tensors, P + "q_proj.bias": tensors[P + "q_proj.base_layer.bias"] + 1}
+    save_file(both, tmp_path / "adapter_model.safetensors")
+    target = copy.deepcopy(base)
+    before = _fingerprint(target)
+    with pytest.raises(ValueError, match=r"q_proj\.bias.*different values"):
+        lc.load_adapter(target, tmp_path)
+    _assert_unchanged(target, before)

@@ -94,3 +94,59 @@ def test_unsupported_peft_features_are_refused(extra):
     data = {**LoraConfig(target_modules=["q"]).to_peft_dict(), **extra}
     with pytest.raises(ValueError, match=next(iter(extra))):
         LoraConfig.from_peft_dict(data)
+
+
+@pytest.mark.parametrize("ltt", [-1, [-1], [0, -2], (3, -1)])
+def test_negative_layer_indices_are_refused_as_int_or_list(ltt):
+    """``-1`` was accepted (and matched no layer) while ``[-1]`` was refused."""
+    with pytest.raises(ValueError, match="layers_to_transform must be a non-negative int or a list of them"):
+        LoraConfig(target_modules=["q"], layers_to_transform=ltt)
+
+
+@pytest.mark.parametrize("targets", [[], ()])
+def test_empty_target_modules_says_so(targets):
+    """An empty list used to fail only in apply_lora, blaming exclude_modules / layers_to_transform."""
+    with pytest.raises(ValueError, match=r"target_modules is an empty list.*'all-linear', or None"):
+        LoraConfig(target_modules=targets)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"r": NAN}, TypeError, "r must be an int"),
+        ({"r": True}, TypeError, "r must be an int"),
+        ({"r": "8"}, TypeError, "r must be an int"),
+        ({"alpha": NAN}, ValueError, "alpha must be a finite number > 0, got nan"),
+        ({"alpha": INF}, ValueError, "alpha must be a finite number > 0, got inf"),
+        ({"alpha": -INF}, ValueError, "alpha must be a finite number > 0"),
+        ({"alpha": True}, TypeError, "alpha must be a positive number, got True"),
+        ({"alpha": "16"}, TypeError, "alpha must be a positive number"),
+        ({"dropout": NAN}, ValueError, r"dropout must be in \[0, 1\), got nan"),
+        ({"dropout": INF}, ValueError, r"dropout must be in \[0, 1\)"),
+        ({"dropout": True}, TypeError, "dropout must be a float"),
+        ({"dropout": "0.1"}, TypeError, "dropout must be a float"),
+        ({"quant_block_size": True}, ValueError, "quant_block_size"),
+        ({"quant_block_size": 64.0}, ValueError, "quant_block_size"),
+        ({"quant_block_size": "64"}, ValueError, "quant_block_size"),
+        ({"layers_to_transform": True}, ValueError, "layers_to_transform"),
+        ({"layers_to_transform": 1.0}, ValueError, "layers_to_transform"),
+        ({"layers_to_transform": "1"}, ValueError, "layers_to_transform"),
+        ({"rank_pattern": {"q": NAN}}, TypeError, r"rank_pattern\['q'\] must be an int"),
+        ({"rank_pattern": {"q": True}}, TypeError, r"rank_pattern\['q'\] must be an int"),
+        ({"alpha_pattern": {"q": NAN}}, ValueError, r"alpha_pattern\['q'\] must be a finite number"),
+        ({"alpha_pattern": {"q": INF}}, ValueError, r"alpha_pattern\['q'\] must be a finite number"),
+        ({"alpha_pattern": {"q": "2"}}, TypeError, r"alpha_pattern\['q'\] must be a positive number"),
+        ({"rank_pattern": {5: 2}}, TypeError, "rank_pattern keys must be regex strings, got 5"),
+        ({"alpha_pattern": {None: 2.0}}, TypeError, "alpha_pattern keys must be regex strings"),
+        ({"double_quant": 1}, TypeError, "double_quant must be a bool"),
+        ({"use_rslora": "false"}, TypeError, "use_rslora must be a bool"),
+        ({"base_model_name_or_path": 5}, TypeError, "base_model_name_or_path must be a string or None"),
+        ({"base_model_name_or_path": True}, TypeError, "base_model_name_or_path must be a string or None"),
+    ],
+)
+def test_numeric_and_flag_fields_refuse_nan_inf_strings_and_bools(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LoraConfig(target_modules=["q"], **kwargs)

@@ -197,3 +197,71 @@ def test_training_moves_only_the_adapter(model):
     base_sd, sd = base.state_dict(), model.state_dict()
     assert all(torch.equal(base_sd[k], sd[k]) for k in base_sd)  # base untouched
     assert any(torch.count_nonzero(layer.lora_B.weight) for _, layer in lora_layers(model))
+
+
+def _lora_model(quantize: str = "none") -> Tiny:
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    lc.apply_lora(m, lc.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], quantize=quantize))
+    _randomize(m)
+    return m
+
+
+def test_merge_and_unmerge_fix_a_partly_merged_model():
+    """One layer merged by hand: merge_lora said 'already merged' and unmerge_lora 'not merged', so neither
+    could bring the model to a consistent state. Now each acts on the layers that need it."""
+    full = _lora_model()
+    y_unmerged = full(IDS).detach()
+    lc.merge_lora(full)
+    y_merged = full(IDS).detach()
+
+    m = _lora_model()
+    m.layers[1].v_proj.merge()
+    lc.merge_lora(m)
+    assert all(layer.merged for _, layer in lora_layers(m))
+    assert torch.equal(m(IDS).detach(), y_merged)  # the same float ops, layer by layer
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), full.state_dict().values()))
+
+    m = _lora_model()
+    m.layers[0].q_proj.merge()
+    lc.unmerge_lora(m)
+    assert not any(layer.merged for _, layer in lora_layers(m))
+    assert_close(m(IDS).detach(), y_unmerged)
+
+    m = _lora_model()  # more merged than not: unmerge_lora still does the rest
+    for path, layer in lora_layers(m):
+        if path != "layers.2.q_proj":
+            layer.merge()
+    lc.unmerge_lora(m)
+    assert not any(layer.merged for _, layer in lora_layers(m))
+    assert_close(m(IDS).detach(), y_unmerged)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda")])
+def test_apply_lora_to_a_missing_device_is_a_value_error_and_changes_nothing(model, device):
+    """torch raised AssertionError ('Torch not compiled with CUDA enabled') from the first ``.to``, after
+    ``apply_lora`` had already frozen every parameter."""
+    before = _snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"device=.*cuda.* is not available in this process"):
+        lc.apply_lora(model, lc.LoraConfig(r=2, target_modules=["q_proj"]), device=device)
+    assert not list(lora_layers(model))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "message"),
+    [
+        ("gpu", ValueError, "device='gpu' is not available"),
+        ([0], TypeError, r"device must be a torch\.device, a name such as 'cpu'"),
+        (1.5, TypeError, "device must be a torch.device"),
+    ],
+)
+def test_apply_lora_bad_device_names_the_argument(model, device, error, message):
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(error, match=message):
+        lc.apply_lora(model, lc.LoraConfig(r=2, target_modules=["q_proj"]), device=device)
+    assert not list(lora_layers(model))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags

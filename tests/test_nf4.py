@@ -154,9 +154,62 @@ def test_bad_block_size(block_size: int) -> None:
         quantize_nf4(torch.randn(64), block_size=block_size)
 
 
-def test_bad_block_size_type() -> None:
-    with pytest.raises(TypeError, match="block_size"):
-        quantize_nf4(torch.randn(64), block_size=64.0)  # type: ignore[arg-type]
+@pytest.mark.parametrize("block_size", [64.0, True, "64", None])
+def test_bad_block_size_type(block_size) -> None:
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        quantize_nf4(torch.randn(64), block_size=block_size)
+
+
+@pytest.mark.parametrize("double_quant", ["yes", "", 1, 0, None, 1.0])
+def test_double_quant_must_be_a_bool(double_quant) -> None:
+    """A truthy string or an int chose double quantization silently; None silently meant False."""
+    with pytest.raises(TypeError, match="double_quant must be a bool, got"):
+        quantize_nf4(torch.randn(64), double_quant=double_quant)
+
+
+@pytest.mark.parametrize("dtype", ["float32", float, 32])
+def test_dequantize_dtype_must_be_a_torch_dtype(dtype) -> None:
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype"):
+        dequantize_nf4(quantize_nf4(torch.randn(64)), dtype)
+
+
+F32_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("scale", [1e38, 3e38, F32_MAX])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_huge_finite_weights_round_trip_without_nan(scale: float, double_quant: bool, rng) -> None:
+    """bitsandbytes' float32 ``mean(absmax)`` overflows to inf for |w| ≳ 1e38 and its double-quantized
+    scales come back NaN; ours fall back to the float64 mean, so the weight round-trips like any other."""
+    w = (torch.randn(8, 64, generator=rng) / 3).clamp(-1, 1) * scale
+    w[:, 0] = scale  # every block's absmax is `scale`, so the float32 sum of 8 of them overflows
+    q = quantize_nf4(w, 64, double_quant)
+    back = dequantize_nf4(q)
+    assert torch.isfinite(back).all()
+    err = ((back.double() - w.double()).abs() / scale).max()
+    assert err <= HALF_WIDEST_GAP + 0.02  # the 4-bit rounding plus the 8-bit scale's
+    assert q.offset is None or torch.isfinite(q.offset)
+
+
+def test_scales_that_would_overflow_float32_are_refused() -> None:
+    """One block at float32's max and nine zero blocks: ``code·nested_scale + offset`` rounds past the
+    largest float32 for the big block, so the double-quantized scale would dequantize to inf."""
+    w = torch.zeros(10, 64)
+    w[0, 0] = F32_MAX
+    with pytest.raises(ValueError, match=r"too close to float32.s limit.*use double_quant=False"):
+        quantize_nf4(w, 64, double_quant=True)
+    assert torch.equal(dequantize_nf4(quantize_nf4(w, 64, double_quant=False)), w)
+
+
+@pytest.mark.parametrize("value", [1e39, -1e300, 3.5e38])
+def test_float64_beyond_float32_range_is_refused(value: float) -> None:
+    """Rounded to float32 first, such a weight became inf and came back inf / NaN."""
+    w = torch.randn(64, dtype=torch.float64)
+    w[5] = value
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        quantize_nf4(w, double_quant=False)
+    ok = torch.full((64,), 3.0e38, dtype=torch.float64)  # large but representable: fine
+    assert torch.isfinite(dequantize_nf4(quantize_nf4(ok))).all()
 
 
 @pytest.mark.parametrize(
@@ -194,3 +247,14 @@ def test_to_keeps_dtypes() -> None:
     moved = q.to("meta")
     assert moved.device.type == "meta"
     assert {k: v.dtype for k, v in moved.tensors().items()} == {k: v.dtype for k, v in q.tensors().items()}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_moving_to_a_missing_device_is_a_value_error() -> None:
+    """torch raises AssertionError ('Torch not compiled with CUDA enabled') for ``.to("cuda")``."""
+    q = quantize_nf4(torch.randn(64))
+    for move in (lambda: q.to("cuda"), q.cuda, lambda: q.cuda(1)):
+        with pytest.raises(ValueError, match=r"device=.*cuda.* is not available in this process"):
+            move()
+    with pytest.raises(ValueError, match="device='gpu' is not available"):
+        q.to("gpu")

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import lora_core as lc
@@ -72,6 +73,7 @@ def _peft_config(kwargs: dict) -> peft.LoraConfig:
         use_rslora=kwargs.get("use_rslora", False), use_dora=kwargs.get("use_dora", False),
         fan_in_fan_out=kwargs.get("fan_in_fan_out", False),
         task_type=kwargs.get("task_type"), init_lora_weights=False,  # random B too, so adapters matter
+        bias=kwargs.get("bias", "none"),
     )  # fmt: skip
 
 
@@ -160,3 +162,62 @@ def test_all_linear_with_layers_to_transform_loads_in_peft(bases, tmp_path):
     torch.testing.assert_close(_logits(theirs), _logits(model))
     back = lc.load_adapter(copy.deepcopy(base), tmp_path)
     assert [p for p, _ in lora_layers(back)] == [p for p, _ in lora_layers(model)]
+
+
+# Trained biases: PEFT keeps an adapted layer's bias at `<path>.base_layer.bias` (other layers' at
+# `<path>.bias`) and, with bias="all", also writes its head's `classifier.modules_to_save.bias` and
+# `classifier.original_module.bias`.
+BERT_QV = {"target_modules": ["query", "value"], "task_type": "SEQ_CLS"}
+BIAS_CASES = {
+    "bert-seqcls-lora_only": ("bert", {**BERT_QV, "bias": "lora_only"}),
+    "bert-seqcls-all": ("bert", {**BERT_QV, "bias": "all"}),
+    "gpt2-all": ("gpt2", {"target_modules": ["c_attn"], "fan_in_fan_out": True, "bias": "all"}),
+}  # fmt: skip
+
+
+def _train_biases(model: nn.Module) -> list[str]:
+    """Give every trainable bias a random value (as training would); return their names."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+    with torch.no_grad():
+        for n in names:
+            model.get_parameter(n).normal_(std=0.5)
+    return names
+
+
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_trained_biases_round_trip_to_peft(bases, case, tmp_path):
+    name, kwargs = BIAS_CASES[case]
+    base = bases[name]
+    model = lc.apply_lora(copy.deepcopy(base), lc.LoraConfig(r=4, alpha=8, **kwargs))
+    torch.manual_seed(4)
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_B.weight, std=0.2)
+    assert _train_biases(model)
+    model.eval()
+    ours = _logits(model)
+    lc.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(theirs), ours, atol=1e-5, rtol=0)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    for path, _ in lora_layers(model):
+        assert f"base_model.model.{path}.base_layer.bias" in saved
+        assert f"base_model.model.{path}.bias" not in saved
+    back = lc.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(_logits(back), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_peft_trained_biases_load_in_lora_core(bases, case, tmp_path):
+    name, kwargs = BIAS_CASES[case]
+    base = bases[name]
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(copy.deepcopy(base), _peft_config(kwargs))
+    assert _train_biases(theirs)
+    if name == "bert":
+        nn.init.normal_(theirs.base_model.model.classifier.modules_to_save["default"].weight)
+    theirs.eval()
+    expected = _logits(theirs)
+    assert not torch.allclose(expected, _logits(base))
+    theirs.save_pretrained(str(tmp_path))
+    ours = lc.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(_logits(ours), expected, atol=1e-5, rtol=0)

@@ -238,3 +238,26 @@ def test_trainable_parameters_counts_the_4bit_base_like_the_dense_model() -> Non
     dense, quantized = lc.trainable_parameters(build("none")), lc.trainable_parameters(build("nf4"))
     assert quantized.total == dense.total == (32 * 64 + 64) + (64 * 16 + 16) + 4 * (32 + 64) + 4 * (64 + 16)
     assert quantized.trainable == dense.trainable == 4 * (32 + 64) + 4 * (64 + 16)
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+@pytest.mark.parametrize("merged_first", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_unload_keeps_the_train_eval_mode(dequantize: bool, merged_first: bool, training: bool) -> None:
+    """Both unload paths built the plain module with ``nn.Module.__init__`` (or ``NF4Linear(...)``), which
+    is in training mode: an eval model came back with its unloaded layers training."""
+    import lora_core as lc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Dropout(0.5), nn.Linear(32, 32))
+    lc.apply_lora(model, lc.LoraConfig(r=2, target_modules=["0", "2"], quantize="nf4"))
+    model.train(training)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # merging into 4 bits warns
+        if merged_first:
+            model[0].merge()
+        single = model[2].unload(dequantize=dequantize)
+        assert single.training is training
+        out = lc.unload_lora(model, dequantize=dequantize)
+    assert [m.training for m in out.modules()] == [training] * 4
+    assert isinstance(out[0], nn.Linear if dequantize else NF4Linear)

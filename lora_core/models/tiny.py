@@ -196,12 +196,17 @@ class _TinyBase(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``path`` (an existing directory)."""
+        """Write ``model.safetensors`` and ``config.json`` into ``path`` (an existing directory), each file
+        atomically (weights first: a failure never leaves a new config beside old weights). For a whole
+        folder at once, call it inside ``lora_core._io.atomic_write_dir`` (as ``lora-core merge`` does)."""
         from safetensors.torch import save_file
 
+        from lora_core._io import atomic_write, atomic_write_text
+
         path = Path(path)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        atomic_write(path / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+        atomic_write_text(path / "config.json", json.dumps(asdict(self.config), indent=2))
 
 
 class TinyCausalLM(_TinyBase):
