@@ -1,4 +1,4 @@
-"""NF4 dequantization in Triton, bit-exact with the reference in ``lora_core.nf4``.
+"""NF4 dequantization in Triton, bit-exact with the reference in ``lora_core.quant.nf4``.
 
 The math (per element ``i`` of the flattened weight, ``b = i // block_size``)::
 
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from lora_core.kernels import interpreter_active
 
-from lora_core.nf4 import NF4Tensor, check_nf4_fields
+from lora_core.quant.nf4 import NF4Tensor, check_nf4_fields
 
 # Elements each program writes. 8192 bf16 = 16 KiB out per program: with 8 warps that is 64 bytes of
 # output and 16 bytes of input per thread, i.e. one 16-byte load and four 16-byte stores in flight.
@@ -54,7 +54,7 @@ def check_nf4(q: object, name: str = "q") -> NF4Tensor:
     Returns ``q``, or a copy whose tensors are made contiguous: the kernels index them as flat arrays.
     """
     if not isinstance(q, NF4Tensor):
-        raise TypeError(f"{name} must be a lora_core.nf4.NF4Tensor, got {type(q).__name__}")
+        raise TypeError(f"{name} must be a lora_core.quant.nf4.NF4Tensor, got {type(q).__name__}")
     check_nf4_fields(q, name)
     tensors = [q.packed, q.absmax, q.code]
     if q.double_quant:
@@ -77,7 +77,7 @@ def check_device(t: torch.Tensor, name: str) -> None:
         return
     raise ValueError(
         f"{name} is on {t.device}: the Triton kernels need CUDA tensors (or CPU tensors with "
-        "TRITON_INTERPRET=1 set before triton is imported); use the references in lora_core.nf4 on CPU"
+        "TRITON_INTERPRET=1 set before triton is imported); use the references in lora_core.quant.nf4 on CPU"
     )
 
 

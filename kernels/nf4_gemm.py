@@ -1,6 +1,6 @@
 """Matrix products with an NF4 weight: ``x @ Wᵀ (+ bias)`` (forward) and ``g @ W`` (what backward needs).
 
-``W`` is ``(N, K)`` (``out_features, in_features``) stored as NF4 (see ``lora_core.nf4``); ``x`` is
+``W`` is ``(N, K)`` (``out_features, in_features``) stored as NF4 (see ``lora_core.quant.nf4``); ``x`` is
 ``(..., K)``, ``g`` is ``(..., N)``. Two strategies, picked by the number of rows ``M`` of ``x``:
 
 **Small M (decode, M ≤ FUSED_MAX_M): a fused split-K kernel.** The product is bound by reading ``W``.
@@ -51,7 +51,7 @@ from lora_core.kernels.nf4_dequant import (
     pair_table,
 )
 
-from lora_core.nf4 import NF4Tensor
+from lora_core.quant.nf4 import NF4Tensor
 
 _PROGRAMS_PER_SM = 4  # ~4 resident programs per SM keep enough 16-byte loads in flight
 _MIN_ITERS_PER_SPLIT = 4  # a K slice spans at least this many BLOCK_K tiles

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from lora_core.adapters import load_adapter, save_adapter
-from lora_core.autograd import nf4_linear
-from lora_core.checkpoint import load_bnb_checkpoint, load_quantized, read_bnb_state_dict, save_quantized
-from lora_core.config import LoraConfig
-from lora_core.data import PackedDataset, load_dataset
 from lora_core.dispatch import fused_mode
-from lora_core.fused import fused_dora_linear, fused_lora_linear
-from lora_core.layers import LoRALinear
-from lora_core.losses import causal_lm_hidden_and_head, causal_lm_loss, chunked_causal_lm_loss
-from lora_core.model import (
+from lora_core.lora.adapters import load_adapter, save_adapter
+from lora_core.lora.config import LoraConfig
+from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
+from lora_core.lora.layer import LoRALinear
+from lora_core.lora.nf4_linear import nf4_linear
+from lora_core.lora.qlora import NF4Linear, QLoRALinear
+from lora_core.lora.surgery import (
     TrainableReport,
     apply_lora,
     get_lora_config,
@@ -27,9 +25,16 @@ from lora_core.model import (
     unmerge_lora,
 )
 from lora_core.models.tiny import CharTokenizer, TinyCausalLM, TinyConfig, TinyForSequenceClassification
-from lora_core.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-from lora_core.qlora import NF4Linear, QLoRALinear
-from lora_core.train import TrainConfig, TrainingDiverged, TrainResult, evaluate, train
+from lora_core.quant.checkpoint import (
+    load_bnb_checkpoint,
+    load_quantized,
+    read_bnb_state_dict,
+    save_quantized,
+)
+from lora_core.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from lora_core.training.data import PackedDataset, load_dataset
+from lora_core.training.loop import TrainConfig, TrainingDiverged, TrainResult, evaluate, train
+from lora_core.training.losses import causal_lm_hidden_and_head, causal_lm_loss, chunked_causal_lm_loss
 
 __all__: list[str] = [
     "__version__",

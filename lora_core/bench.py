@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lora_core._io import atomic_write, atomic_write_text
+from lora_core.atomic import atomic_write, atomic_write_text
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (8192, 8192), (28672, 8192), (11008, 4096), (4096, 11008)]
 M_VALUES: list[int] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -147,7 +147,7 @@ def _device_ceilings() -> tuple[float, float]:
 
 def _quantize(w: torch.Tensor, double_quant: bool) -> tuple[Any, Any]:
     """(our NF4Tensor, bitsandbytes' (packed, state) or None) for ``w`` on the GPU."""
-    from lora_core.nf4 import NF4Tensor
+    from lora_core.quant.nf4 import NF4Tensor
 
     try:
         import bitsandbytes.functional as bnbf
@@ -163,16 +163,16 @@ def _quantize(w: torch.Tensor, double_quant: bool) -> tuple[Any, Any]:
             }  # fmt: skip
         q = NF4Tensor(packed.reshape(-1), st.absmax, w.shape, w.dtype, 64, st.code.float(), **nested)
         return q, (packed, st)
-    from lora_core import nf4
+    from lora_core.quant import nf4
 
     if not hasattr(nf4, "quantize_nf4"):
-        raise RuntimeError("need bitsandbytes or lora_core.nf4.quantize_nf4 to make NF4 weights")
+        raise RuntimeError("need bitsandbytes or lora_core.quant.nf4.quantize_nf4 to make NF4 weights")
     return nf4.quantize_nf4(w, block_size=64, double_quant=double_quant), None
 
 
 def _reference(q: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The pure-PyTorch dequantization (lora_core.nf4's reference when it exists)."""
-    from lora_core import nf4
+    """The pure-PyTorch dequantization (lora_core.quant.nf4's reference when it exists)."""
+    from lora_core.quant import nf4
 
     ref = getattr(nf4, "nf4_dequantize_ref", None)
     if ref is not None:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_core._io import atomic_write, atomic_write_text
+from lora_core.atomic import atomic_write, atomic_write_text
 from lora_core.bench import _versions, write_json
 
 MODELS: dict[str, dict[str, Any]] = {

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_core._io import atomic_write
+from lora_core.atomic import atomic_write
 from lora_core.bench import _shape, _time_us, _versions, write_json
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (11008, 4096)]  # (out, in)
@@ -47,11 +47,11 @@ def _frozen(n_out: int, n_in: int) -> nn.Module:
 
 
 def _ours(kind: str, lin: nn.Module, r: int, dropout: float) -> nn.Module:
-    from lora_core.layers import LoRALinear
+    from lora_core.lora.layer import LoRALinear
 
     cls: Any = LoRALinear
     if kind == "qlora":
-        from lora_core.qlora import QLoRALinear
+        from lora_core.lora.qlora import QLoRALinear
 
         cls = QLoRALinear
     layer = cls.from_linear(lin, r=r, alpha=2.0 * r, dropout=dropout, use_dora=kind == "dora")

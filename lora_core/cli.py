@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core import __version__
-from lora_core._io import atomic_write, atomic_write_dir
+from lora_core.atomic import atomic_write, atomic_write_dir
 
 TINY = "tiny"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapters record as their base
@@ -150,7 +150,7 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 def load_model(name: str | None, device: Any) -> tuple[Any, Any, str]:
     """``(model, tokenizer, base_name)`` for ``tiny``, a transformers folder, a .gguf file, or the default."""
-    from lora_core import pretrained
+    from lora_core.models import pretrained
 
     if name == TINY:
         from lora_core.models.tiny import CharTokenizer, TinyCausalLM
@@ -223,7 +223,7 @@ def quantize(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from lora_core.nf4 import quantize_nf4
+    from lora_core.quant.nf4 import quantize_nf4
 
     src, dst = Path(args.input), Path(args.output)
     if not src.is_file():

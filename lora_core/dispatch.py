@@ -3,8 +3,8 @@
 Two decisions, each a pure function of the call (its tensors, autocast, `fused_mode`), never of a layer's
 class or of state left behind by an earlier call:
 
-1. **A LoRA layer's forward** (`plan_lora`): the fused autograd Function (``lora_core.fused``: one
-   Function per layer, saving only ``x`` and ``xa``), or the reference formula (``lora_core.reference``,
+1. **A LoRA layer's forward** (`plan_lora`): the fused autograd Function (``lora_core.lora.fused``: one
+   Function per layer, saving only ``x`` and ``xa``), or the reference formula (``lora_core.lora.functional``,
    plain PyTorch ops). CUDA inputs take the fused path, everything else the reference; under autocast
    the fused Function computes in autocast's dtype, as the reference's ops would.
 
@@ -13,7 +13,7 @@ class or of state left behind by an earlier call:
 
 2. **An NF4 product** ``x · dequant(q)ᵀ`` and its input gradient (`nf4_path`):
 
-       reference   not CUDA: ``lora_core.nf4``'s references (dequantize, then matmul)
+       reference   not CUDA: ``lora_core.quant.nf4``'s references (dequantize, then matmul)
        kernel      CUDA, M ≤ ``FUSED_MAX_M`` rows: the fused Triton kernel reads only packed bytes
        dequantize  CUDA, more rows: dequantize once (one streaming pass), then cuBLAS (tensor-core bound)
 
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from lora_core.kernels import FUSED_MAX_M  # a constant: importing it loads no Triton
-from lora_core.nf4 import NF4Tensor, nf4_matmul_grad_ref, nf4_matmul_ref
+from lora_core.quant.nf4 import NF4Tensor, nf4_matmul_grad_ref, nf4_matmul_ref
 
 # ---- the LoRA layer: fused Function or reference -----------------------------------------------------
 

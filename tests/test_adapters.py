@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lora_core as lc
-from lora_core import adapters
-from lora_core.model import lora_layers
+from lora_core.lora import adapters
+from lora_core.lora.surgery import lora_layers
 
 
 class Net(nn.Module):

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from lora_core.checkpoint import read_bnb_state_dict
-from lora_core.nf4 import NF4Tensor, quantize_nf4
+from lora_core.quant.checkpoint import read_bnb_state_dict
+from lora_core.quant.nf4 import NF4Tensor, quantize_nf4
 
 BLOB = "w.quant_state.bitsandbytes__nf4"
 
@@ -121,7 +121,7 @@ def test_qlora_load_state_dict_with_a_malformed_entry_reports_it_and_keeps_the_l
 ) -> None:
     from torch import nn
 
-    from lora_core.qlora import QLoRALinear
+    from lora_core.lora.qlora import QLoRALinear
 
     layer = QLoRALinear.from_linear(nn.Linear(64, 8), r=2, alpha=4)
     before = layer.weight
@@ -156,8 +156,8 @@ def test_lora_layer_arguments_are_checked(kwargs, error, message, quantized) -> 
     ``use_rslora="yes"`` silently meant True; the layer now checks like ``LoraConfig`` does."""
     from torch import nn
 
-    from lora_core.layers import LoRALinear
-    from lora_core.qlora import QLoRALinear
+    from lora_core.lora.layer import LoRALinear
+    from lora_core.lora.qlora import QLoRALinear
 
     cls = QLoRALinear if quantized else LoRALinear
     base = nn.Linear(16, 16)

@@ -15,9 +15,14 @@ from bnb_oracle import decode_bnb_fields
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_core.checkpoint import load_bnb_checkpoint, load_quantized, read_bnb_state_dict, save_quantized
-from lora_core.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-from lora_core.qlora import QLoRALinear
+from lora_core.lora.qlora import QLoRALinear
+from lora_core.quant.checkpoint import (
+    load_bnb_checkpoint,
+    load_quantized,
+    read_bnb_state_dict,
+    save_quantized,
+)
+from lora_core.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tolerances import assert_close
 
 import lora_core as lc
-from lora_core.testing import assert_close
 
 SCRIPT = Path(sys.executable).parent / "lora-core"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_CORE_DEBUG": ""}
@@ -191,8 +191,8 @@ def test_bench_rejects_an_unknown_suite() -> None:
 def test_quantize_writes_bitsandbytes_nf4_and_copies_the_rest(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from lora_core.checkpoint import load_bnb_checkpoint
-    from lora_core.nf4 import dequantize_nf4, quantize_nf4
+    from lora_core.quant.checkpoint import load_bnb_checkpoint
+    from lora_core.quant.nf4 import dequantize_nf4, quantize_nf4
 
     gen = torch.Generator().manual_seed(0)
     src = {"q_proj.weight": torch.randn(64, 96, generator=gen), "q_proj.bias": torch.randn(64, generator=gen),
@@ -319,7 +319,7 @@ def test_bad_numbers_name_the_flag(
 
 
 def test_gguf_files_of_the_same_name_get_their_own_cached_copy(tmp_path: Path) -> None:
-    from lora_core.pretrained import gguf_cache_folder
+    from lora_core.models.pretrained import gguf_cache_folder
 
     for d, payload in (("a", b"GGUF one"), ("b", b"GGUF two!")):
         (tmp_path / d).mkdir()

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_core.data import IGNORE_INDEX, load_dataset, pack, read_examples
 from lora_core.models.tiny import CharTokenizer
+from lora_core.training.data import IGNORE_INDEX, load_dataset, pack, read_examples
 
 TOK = CharTokenizer()
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-
-from lora_core.testing import assert_close
+from tolerances import assert_close
 
 WORKER = Path(__file__).resolve().parent / "train_worker.py"
 

@@ -1,6 +1,6 @@
 """The fused LoRA / DoRA Functions against the reference formulas (float64, CPU), what they save, dispatch.
 
-The expected values come from ``lora_core.reference`` (autograd through the plain formula) and from
+The expected values come from ``lora_core.lora.functional`` (autograd through the plain formula) and from
 ``LoRALinear``'s reference path; the dropout mask is shared by regenerating it from the same seed and
 passing it to the reference explicitly.
 """
@@ -13,14 +13,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerances import assert_close, tolerance
 
-from lora_core import fused
-from lora_core.bases import DenseBase, NF4Base
 from lora_core.dispatch import fused_mode, plan_lora
-from lora_core.fused import dropout_mask, fused_dora_linear, fused_lora_linear
-from lora_core.layers import LoRALinear
-from lora_core.reference import dora_linear_ref, dora_weight_norm_ref, lora_linear_ref
-from lora_core.testing import assert_close, tolerance
+from lora_core.lora import fused
+from lora_core.lora.bases import DenseBase, NF4Base
+from lora_core.lora.functional import dora_linear_ref, dora_weight_norm_ref, lora_linear_ref
+from lora_core.lora.fused import dropout_mask, fused_dora_linear, fused_lora_linear
+from lora_core.lora.layer import LoRALinear
 
 F64 = torch.float64
 
@@ -373,12 +373,12 @@ def test_bad_arguments() -> None:
         fused_dora_linear(x, DenseBase(w), a, b, torch.ones(4), scaling=1.0)
 
 
-# ---- NF4 base (once lora_core.nf4 has quantize_nf4) ------------------------------------------------
+# ---- NF4 base (once lora_core.quant.nf4 has quantize_nf4) ------------------------------------------------
 
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_nf4_base_matches_reference_on_dequantized_weight(dora: bool) -> None:
-    nf4 = pytest.importorskip("lora_core.nf4")
+    nf4 = pytest.importorskip("lora_core.quant.nf4")
     if not hasattr(nf4, "quantize_nf4") or not hasattr(nf4, "nf4_matmul_ref"):
         pytest.skip("NF4 quantization has not landed on this branch yet")
     gen = torch.Generator().manual_seed(2)
@@ -437,7 +437,7 @@ def test_gpu_activation_memory_within_budget(dora: bool) -> None:
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_qlora_module_fused_equals_reference(dora: bool) -> None:
-    qlora = pytest.importorskip("lora_core.qlora")
+    qlora = pytest.importorskip("lora_core.lora.qlora")
     torch.manual_seed(0)
     mod = qlora.QLoRALinear.from_linear(torch.nn.Linear(64, 32), r=4, alpha=8.0, use_dora=dora)
     torch.nn.init.normal_(mod.lora_B.weight)

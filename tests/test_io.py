@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_core._io import atomic_write, atomic_write_dir, atomic_write_text
+from lora_core.atomic import atomic_write, atomic_write_dir, atomic_write_text
 
 
 class Boom(RuntimeError):
@@ -137,7 +137,7 @@ def test_save_quantized_on_a_full_disk_keeps_the_old_file(tmp_path: Path, monkey
     from torch import nn
 
     import lora_core as lc
-    from lora_core import checkpoint
+    from lora_core.quant import checkpoint
 
     model = lc.apply_lora(nn.Sequential(nn.Linear(64, 64)), lc.LoraConfig(r=2, target_modules=["0"]))
     path = tmp_path / "model.safetensors"

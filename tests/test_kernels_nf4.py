@@ -3,8 +3,9 @@
 Without CUDA the kernels run through Triton's interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay
 tiny and dtypes are fp16/fp32 (bf16 is wrong under the interpreter); bf16 and big shapes run on a GPU.
 
-Inputs are quantized by the real bitsandbytes (CPU); the reference is ``lora_core.nf4.nf4_dequantize_ref``,
-itself checked below against bitsandbytes' fields decoded by hand (``bnb_oracle``).
+Inputs are quantized by the real bitsandbytes (CPU); the reference is
+``lora_core.quant.nf4.nf4_dequantize_ref``, itself checked below against bitsandbytes' fields decoded by
+hand (``bnb_oracle``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import torch
 from bnb_oracle import decode_bnb_fields
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerances import assert_close
 
-import lora_core.nf4 as nf4
-from lora_core.nf4 import NF4Tensor
-from lora_core.testing import assert_close
+import lora_core.quant.nf4 as nf4
+from lora_core.quant.nf4 import NF4Tensor
 
 pytestmark = pytest.mark.triton
 Fb = pytest.importorskip("bitsandbytes.functional")

@@ -1,4 +1,4 @@
-"""LoRALinear against the reference math (lora_core.reference) and against the formulas themselves."""
+"""LoRALinear against the reference math (lora_core.lora.functional) and against the formulas themselves."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerances import assert_close
 from torch import nn
 
-from lora_core.layers import LoRALinear, is_conv1d
-from lora_core.reference import (
+from lora_core.lora.functional import (
     dora_linear_ref,
     dora_merged_weight_ref,
     lora_delta_weight_ref,
     lora_linear_ref,
 )
-from lora_core.testing import assert_close
+from lora_core.lora.layer import LoRALinear, is_conv1d
 
 DTYPES = [torch.float32, torch.float64]
 

@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerances import assert_close
 
-from lora_core.losses import (
+from lora_core.training.losses import (
     causal_lm_hidden_and_head,
     causal_lm_loss,
     chunked_causal_lm_loss,
     default_chunk_size,
     shift_labels,
 )
-from lora_core.testing import assert_close
 
 
 def full_logits_loss(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean"):

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from tolerances import assert_close
 from torch import nn
 
 import lora_core as lc
-from lora_core.model import find_targets, lora_layers
-from lora_core.testing import assert_close
+from lora_core.lora.surgery import find_targets, lora_layers
 
 
 class Block(nn.Module):

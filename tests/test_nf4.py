@@ -6,8 +6,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerances import assert_close
 
-from lora_core.nf4 import (
+from lora_core.quant.nf4 import (
     NF4_CODE,
     dequantize_nf4,
     max_code_gap,
@@ -19,7 +20,6 @@ from lora_core.nf4 import (
     quantize_nf4,
     unpack_nf4,
 )
-from lora_core.testing import assert_close
 
 # DESIGN.md §4, typed in again so the literal in nf4.py is checked against an independent copy.
 TABLE = [

@@ -17,8 +17,8 @@ from bnb_oracle import decode_bnb_fields
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_core import nf4
-from lora_core.nf4 import NF4_CODE, NF4Tensor, dequantize_nf4, dynamic_map_signed, quantize_nf4
+from lora_core.quant import nf4
+from lora_core.quant.nf4 import NF4_CODE, NF4Tensor, dequantize_nf4, dynamic_map_signed, quantize_nf4
 
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -115,7 +115,7 @@ def test_8bit_nested_quantizer_matches_quantize_blockwise(rng: torch.Generator) 
     )
     x[::256] = 1.0
     codes_bnb, state = F.quantize_blockwise(x, blocksize=256)
-    codes, absmax = nf4._quantize_8bit_dynamic(x, 256)
+    codes, absmax = nf4.quantize_8bit_dynamic(x, 256)
     assert torch.equal(codes, codes_bnb)
     assert torch.equal(absmax, state.absmax)
 

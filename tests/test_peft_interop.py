@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lora_core as lc
-from lora_core.model import lora_layers
+from lora_core.lora.surgery import lora_layers
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -9,13 +9,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerances import assert_close
 from torch import nn
 
-from lora_core.autograd import nf4_linear
-from lora_core.layers import LoRALinear
-from lora_core.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-from lora_core.qlora import NF4Linear, QLoRALinear
-from lora_core.testing import assert_close
+from lora_core.lora.layer import LoRALinear
+from lora_core.lora.nf4_linear import nf4_linear
+from lora_core.lora.qlora import NF4Linear, QLoRALinear
+from lora_core.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
 def make_pair(n_in: int, n_out: int, r: int, use_dora: bool, double_quant: bool = True, seed: int = 0):
@@ -202,8 +202,8 @@ def test_bad_input_to_nf4_linear() -> None:
 def test_apply_lora_nf4_end_to_end(tmp_path) -> None:
     """apply_lora(quantize="nf4") → QLoRA layers; a training step moves only adapters; unload_lora
     (dequantize=True) gives a dense model with the same outputs."""
-    import lora_core.model as lc
-    from lora_core.config import LoraConfig
+    import lora_core.lora.surgery as lc
+    from lora_core.lora.config import LoraConfig
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
@@ -227,8 +227,8 @@ def test_apply_lora_nf4_end_to_end(tmp_path) -> None:
 def test_trainable_parameters_counts_the_4bit_base_like_the_dense_model() -> None:
     """A QLoRA model reports the same totals as its dense twin: NF4 bases count by the elements they stand
     for, although they are no nn.Parameter."""
-    import lora_core.model as lc
-    from lora_core.config import LoraConfig
+    import lora_core.lora.surgery as lc
+    from lora_core.lora.config import LoraConfig
 
     def build(quantize: str) -> nn.Module:
         torch.manual_seed(0)

@@ -66,7 +66,7 @@ def test_rng_state_round_trip_includes_pythons_cached_gaussian() -> None:
 
     import torch
 
-    from lora_core.train_state import _rng_state, _set_rng_state
+    from lora_core.training.state import _rng_state, _set_rng_state
 
     random.gauss(0.0, 1.0)  # draws a pair and caches the second value: part of the state
     saved = _rng_state()

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import assert_close
 from torch import nn
 
 import lora_core as lc
-from lora_core.data import PackedDataset, load_dataset
-from lora_core.testing import assert_close
-from lora_core.train import CHECKPOINT_NAME, lr_factor, param_groups
+from lora_core.training.data import PackedDataset, load_dataset
+from lora_core.training.loop import CHECKPOINT_NAME, lr_factor, param_groups
 
 TEXT = "".join(
     f"The {w} sat on the mat; the mat was {c}.\n"

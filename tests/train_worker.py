@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora_core as lc
-from lora_core.data import load_dataset
+from lora_core.training.data import load_dataset
 
 TEXT = "".join(f"{i} little pigs went to market, and {i * 7 % 13} came home.\n" for i in range(200))
 

@@ -198,10 +198,10 @@ class _TinyBase(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``model.safetensors`` and ``config.json`` into ``path`` (an existing directory), each file
         atomically (weights first: a failure never leaves a new config beside old weights). For a whole
-        folder at once, call it inside ``lora_core._io.atomic_write_dir`` (as ``lora-core merge`` does)."""
+        folder at once, call it inside ``lora_core.atomic.atomic_write_dir`` (as ``lora-core merge`` does)."""
         from safetensors.torch import save_file
 
-        from lora_core._io import atomic_write, atomic_write_text
+        from lora_core.atomic import atomic_write, atomic_write_text
 
         path = Path(path)
         state = {k: v.contiguous() for k, v in self.state_dict().items()}

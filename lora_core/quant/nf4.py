@@ -23,7 +23,7 @@ Rounding, to the bit (read off bitsandbytes 0.50's CPU path, which the tests com
   partial block stores the clamped value). The result is clamped to [-1, 1] and goes to the code whose
   bucket between float32 midpoints ``(code[i] + code[i+1]) / 2`` holds it; a value exactly on a midpoint
   goes to the LOWER code.
-- 8-bit (the nested absmax): bitsandbytes' dynamic map and CPU lookup table, see `lora_core.nf4_bnb`.
+- 8-bit (the nested absmax): bitsandbytes' dynamic map and CPU lookup table, see `lora_core.quant.bnb`.
 - ``offset`` is torch's float32 ``mean`` of the absmax vector (where that sum overflows, ``|w| ≳ 1e38``,
   bitsandbytes gets NaN; we take the float64 mean rounded to float32).
 
@@ -42,14 +42,14 @@ from functools import cache
 
 import torch
 
-# bitsandbytes' conventions (8-bit nested map, state-dict layout, field checks) live in nf4_bnb. It is
-# imported here at the top, not at the bottom: nf4_bnb needs nothing from this module at import time (it
-# builds an NF4Tensor lazily), so either module can be imported first and there is no cycle to order.
-from lora_core.nf4_bnb import (
-    _quantize_8bit_dynamic,
+# bitsandbytes' conventions (8-bit nested map, state-dict layout, field checks) live in `bnb`, one layer
+# below: it works on plain fields and never imports this module.
+from lora_core.quant.bnb import (
+    check_bnb_scales,
     check_nf4_fields,
     dynamic_map_signed,
-    from_bnb_state,
+    quantize_8bit_dynamic,
+    read_bnb_fields,
     to_bnb_state,
 )
 
@@ -157,7 +157,7 @@ class NF4Tensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_nf4(self, dtype)
 
-    # -- serialization: bitsandbytes' state-dict keys, so one format serves both (see `lora_core.nf4_bnb`) --
+    # -- serialization: bitsandbytes' state-dict keys, one format for both (see `lora_core.quant.bnb`) --
 
     def to_bnb_state(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """The tensors bitsandbytes writes for a 4-bit weight: ``prefix`` (packed, ``(ceil(n/2), 1)``),
@@ -171,10 +171,13 @@ class NF4Tensor:
 
         Raises:
             ValueError: FP4, a missing key, a malformed quant-state blob or field, sizes / dtypes that do
-                not fit the recorded shape, a NaN / inf / negative scale (see `lora_core.nf4_bnb`).
+                not fit the recorded shape, a NaN / inf / negative scale (see `lora_core.quant.bnb`).
             TypeError: an entry that is not a tensor.
         """
-        return from_bnb_state(tensors, prefix, cls)
+        q = cls(**read_bnb_fields(tensors, prefix))
+        check_nf4_fields(q, prefix)
+        check_bnb_scales(q, prefix)
+        return q
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,7 +356,7 @@ def quantize_nf4(
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
     if not bool(torch.isfinite(offset)):  # the float32 sum overflowed (|w| ≳ 1e38): bitsandbytes gives NaN
         offset = absmax.double().mean().float()  # the mean itself is in range
-    q8, nested_absmax = _quantize_8bit_dynamic(absmax - offset, 256)
+    q8, nested_absmax = quantize_8bit_dynamic(absmax - offset, 256)
     q = replace(
         q,
         absmax=q8,

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_core import dispatch
-from lora_core.autograd import nf4_linear
-from lora_core.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from lora_core.lora.nf4_linear import nf4_linear
+from lora_core.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lora_core import dispatch
-from lora_core.nf4 import NF4Tensor
+from lora_core.quant.nf4 import NF4Tensor
 
 
 class NF4LinearFunction(torch.autograd.Function):

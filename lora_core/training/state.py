@@ -5,10 +5,10 @@ checkpoint holds everything the trajectory depends on after step ``s``::
 
     step s │ trainable weights │ optimizer (AdamW moments) │ scheduler │ RNG of every rank │ config │ history
 
-The data order needs no state: it is a function of ``(seed, epoch)`` (see ``lora_core.train``). The RNG
-states (torch CPU, every CUDA device, Python's ``random``) are gathered from every rank, because dropout
-masks differ per rank. The file is written by rank 0 atomically (temp file, fsync, rename) and read back
-with ``torch.load(weights_only=True)``: no arbitrary unpickling.
+The data order needs no state: it is a function of ``(seed, epoch)`` (see ``lora_core.training.loop``).
+The RNG states (torch CPU, every CUDA device, Python's ``random``) are gathered from every rank, because
+dropout masks differ per rank. The file is written by rank 0 atomically (temp file, fsync, rename) and
+read back with ``torch.load(weights_only=True)``: no arbitrary unpickling.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora_core._io import atomic_write
+from lora_core.atomic import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

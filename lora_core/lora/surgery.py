@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_core.config import TASK_MODULES_TO_SAVE, LoraConfig
-from lora_core.layers import LoRALinear, linear_features
-from lora_core.nf4 import NF4Tensor
+from lora_core.lora.config import TASK_MODULES_TO_SAVE, LoraConfig
+from lora_core.lora.layer import LoRALinear, linear_features
+from lora_core.quant.nf4 import NF4Tensor
 
 _CONFIG_ATTR = "_lora_config"
 _REQUIRES_GRAD_ATTR = "_lora_requires_grad"  # the parameters' flags before apply_lora, restored by unload
@@ -206,7 +206,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
     """Replace the target layers of ``model`` by ``LoRALinear`` (in place) and freeze everything else.
 
     Trainable afterwards: the adapters (and DoRA magnitudes), the biases ``cfg.bias`` asks for, and
-    ``modules_to_save``. With ``cfg.quantize == "nf4"`` the layers are ``lora_core.qlora.QLoRALinear``.
+    ``modules_to_save``. With ``cfg.quantize == "nf4"`` the layers are ``lora_core.lora.qlora.QLoRALinear``.
 
     ``device``: move each target layer there just before wrapping it, then the rest of the model. For QLoRA
     on a model loaded on the CPU this quantizes on the GPU one layer at a time, so the GPU never holds more
@@ -230,7 +230,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
     cls: type[LoRALinear] = LoRALinear
     extra: dict[str, object] = {}
     if cfg.quantize == "nf4":
-        from lora_core.qlora import QLoRALinear  # lazily: the NF4 path is optional
+        from lora_core.lora.qlora import QLoRALinear  # lazily: the NF4 path is optional
 
         cls = QLoRALinear
         extra = {"quant_block_size": cfg.quant_block_size, "double_quant": cfg.double_quant}

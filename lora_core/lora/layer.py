@@ -3,9 +3,9 @@
     y = x W₀ᵀ + b + s · (drop(x) Aᵀ) Bᵀ            A: (r, in), B: (out, r), s = α/r  (rsLoRA: α/√r)
 
 DoRA (Liu et al. 2024) rescales each output row of ``W₀ + sBA`` to a learned magnitude ``m``; see
-``lora_core.reference`` for the formulas (PEFT's, so adapters are interchangeable).
+``lora_core.lora.functional`` for the formulas (PEFT's, so adapters are interchangeable).
 
-The layer *holds* its frozen ``W₀`` as a base object (``lora_core.bases``: `DenseBase`, or `NF4Base` for
+The layer *holds* its frozen ``W₀`` as a base object (``lora_core.lora.bases``: `DenseBase`, or `NF4Base` for
 QLoRA) and the adapter; it never reaches into the weight itself::
 
     LoRALinear ─┬─ base: DenseBase | NF4Base     x W₀ᵀ + b, products for the fused path, W₀ on request
@@ -13,8 +13,8 @@ QLoRA) and the adapter; it never reaches into the weight itself::
                 └─ lora_A (r, in), lora_B (out, r), lora_magnitude_vector (out,) DoRA, lora_dropout
 
 Each call goes one of two ways, as ``lora_core.dispatch.plan_lora`` decides: the fused autograd Function
-(``lora_core.fused``; CUDA) or the reference formula (``lora_core.reference``; everywhere else). Merging
-uses one pure function, ``reference.merged_weight``, for `merge` and `unload` alike.
+(``lora_core.lora.fused``; CUDA) or the reference formula (``lora_core.lora.functional``; everywhere
+else). Merging uses one pure function, ``functional.merged_weight``, for `merge` and `unload` alike.
 
 State-dict keys stay where the base module had them: ``weight`` (stored as the base stored it: (out, in)
 for ``nn.Linear``, (in, out) for GPT-2's ``Conv1D``; NF4 bases use bitsandbytes' keys) and ``bias``; the
@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lora_core import dispatch, reference
-from lora_core.bases import DenseBase, FrozenBase, HoldsFrozenBase, NF4Base, is_conv1d, linear_features
-from lora_core.config import check_alpha, check_bool, check_dropout
-from lora_core.fused import fused_dora_linear, fused_lora_linear
+from lora_core import dispatch
+from lora_core.lora import functional
+from lora_core.lora.bases import DenseBase, FrozenBase, HoldsFrozenBase, NF4Base, is_conv1d, linear_features
+from lora_core.lora.config import check_alpha, check_bool, check_dropout
+from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
 
 
 def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
@@ -154,7 +155,7 @@ class LoRALinear(HoldsFrozenBase):
 
     def delta_weight(self) -> Tensor:  # (out, in)
         """The low-rank update ``s · B A`` in the adapter's dtype."""
-        return reference.lora_delta_weight_ref(self.lora_A.weight, self.lora_B.weight, self.scaling)
+        return functional.lora_delta_weight_ref(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     # ---- adapter initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -195,7 +196,7 @@ class LoRALinear(HoldsFrozenBase):
     def _dora_norm(self, dtype: torch.dtype) -> Tensor:  # (out,)
         """``‖W₀ + s·BA‖`` per output row, in ``dtype``, without gradient (DoRA §4.3)."""
         a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
-        return reference.dora_weight_norm(self.base.dense_weight(dtype), a, b, self.scaling)
+        return functional.dora_weight_norm(self.base.dense_weight(dtype), a, b, self.scaling)
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
@@ -208,7 +209,7 @@ class LoRALinear(HoldsFrozenBase):
         xa = x.to(self.lora_A.weight.dtype)  # adapters may be float32 over a half-precision base
         a, b = self.lora_A.weight, self.lora_B.weight
         if not self.use_dora:
-            lora = reference.lora_update(self.lora_dropout(xa), a, b, self.scaling)  # (..., out)
+            lora = functional.lora_update(self.lora_dropout(xa), a, b, self.scaling)  # (..., out)
             return (result + lora).to(result.dtype)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             xd = xa
@@ -217,7 +218,7 @@ class LoRALinear(HoldsFrozenBase):
             xd = self.lora_dropout(xa)
             base_xd = self.base.forward(xd.to(x.dtype), None).to(xd.dtype)
         norm = self._dora_norm(xa.dtype)
-        dora = reference.dora_update(xd, base_xd, a, b, self.lora_magnitude_vector, norm, self.scaling)
+        dora = functional.dora_update(xd, base_xd, a, b, self.lora_magnitude_vector, norm, self.scaling)
         return (result + dora).to(result.dtype)
 
     def _fused_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -246,11 +247,11 @@ class LoRALinear(HoldsFrozenBase):
 
     # ---- merge / unmerge / unload ----------------------------------------------------------------------
     def _merged(self) -> tuple[Tensor, Tensor | None]:
-        """``reference.merged_weight`` of this layer, in float32 or wider: (W' (out, in), DoRA's norm)."""
+        """``functional.merged_weight`` of this layer, in float32 or wider: (W' (out, in), DoRA's norm)."""
         w = self.base.dense_weight()
         w = w.to(torch.promote_types(w.dtype, torch.float32))
         m = self.lora_magnitude_vector if self.use_dora else None
-        return reference.merged_weight(w, self.lora_A.weight, self.lora_B.weight, self.scaling, m)
+        return functional.merged_weight(w, self.lora_A.weight, self.lora_B.weight, self.scaling, m)
 
     def _store(self, w: Tensor, what: str) -> None:
         """Write ``w`` into the base; a base that cannot hold it exactly (NF4) reports the error: warn."""
@@ -290,7 +291,7 @@ class LoRALinear(HoldsFrozenBase):
         w = w.to(torch.promote_types(w.dtype, torch.float32))
         m = self.lora_magnitude_vector if self.use_dora else None
         a, b = self.lora_A.weight, self.lora_B.weight
-        w0 = reference.unmerged_weight(w, a, b, self.scaling, m, self._dora_merged_norm)
+        w0 = functional.unmerged_weight(w, a, b, self.scaling, m, self._dora_merged_norm)
         self._dora_merged_norm = None
         self._store(w0, "unmerging from")
         self.merged = False
@@ -300,7 +301,7 @@ class LoRALinear(HoldsFrozenBase):
         """The plain module (the base's own class) holding the merged weight; the adapter is dropped.
 
         A dense base merges in place and hands its Parameter to the plain module. An NF4 base gives, with
-        ``dequantize=True``, a dense module holding ``dequant(W) + s·BA`` exactly (`reference.merged_weight`,
+        ``dequantize=True``, a dense module holding ``dequant(W) + s·BA`` exactly (`functional.merged_weight`,
         never requantized); with ``False``, a frozen `NF4Linear` (requantized: lossy, warns). On an NF4 layer
         that is already merged, ``dequantize=True`` cannot be exact (the exact sum was not kept): it returns
         ``dequant`` of what the base holds and warns with the recorded error.

@@ -1,6 +1,6 @@
 """bitsandbytes' side of NF4: its 8-bit map for the nested absmax, and its state-dict layout.
 
-`lora_core.nf4` holds the NF4 format itself (codes, packing, quantize / dequantize); this module holds
+`lora_core.quant.nf4` holds the NF4 format itself (codes, packing, quantize / dequantize); this module holds
 what is bitsandbytes' convention rather than the paper's, so that our bytes and theirs are the same.
 
 **The 8-bit double-quant map.** With double quantization (bitsandbytes' ``compress_statistics=True``) the
@@ -26,9 +26,9 @@ The blob's fields: ``quant_type`` ("nf4"; "fp4" lives under ``...bitsandbytes__f
 ints); with double quantization also ``nested_blocksize`` (256), ``nested_dtype`` ("float32") and
 ``nested_offset`` (float, the mean that was subtracted from the absmax).
 
-Import order: this module imports nothing from `lora_core.nf4` at import time (only for type checking,
-and `from_bnb_state` builds the container lazily), so `lora_core.nf4` can import it at the top without a
-cycle, whichever of the two is imported first.
+This module sits below `lora_core.quant.nf4` and never imports it: its functions read and return plain
+fields (tensors, ints, the blob's JSON), and take an NF4 container by its attributes (``packed``,
+``absmax``, ``code``, ...). `NF4Tensor.from_bnb_state` builds the container from `read_bnb_fields`.
 """
 
 from __future__ import annotations
@@ -36,12 +36,9 @@ from __future__ import annotations
 import json
 import math
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from lora_core.nf4 import NF4Tensor
 
 # ---------------------------------------------------------------------------------------------------------
 # The 8-bit dynamic map (nested absmax)
@@ -76,7 +73,7 @@ def _dynamic_map_and_lut() -> tuple[torch.Tensor, torch.Tensor]:
     return code, lut
 
 
-def _quantize_8bit_dynamic(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_8bit_dynamic(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """flat float32 → (uint8 codes into `dynamic_map_signed`, float32 scale per block), bnb CPU rounding."""
     _, lut = _dynamic_map_and_lut()
     n = x.numel()
@@ -96,7 +93,7 @@ def _quantize_8bit_dynamic(x: torch.Tensor, block_size: int) -> tuple[torch.Tens
 # ---------------------------------------------------------------------------------------------------------
 
 
-def check_nf4_fields(q: NF4Tensor, name: str = "q") -> NF4Tensor:
+def check_nf4_fields(q: Any, name: str = "q") -> Any:
     """Check that the fields of ``q`` fit together (sizes, dtypes, block sizes); ValueError naming ``name``
     and the field. What a reader of a checkpoint or a kernel launcher needs before it indexes them."""
     bs = q.block_size
@@ -142,7 +139,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def to_bnb_state(q: NF4Tensor, prefix: str = "weight") -> dict[str, torch.Tensor]:
+def to_bnb_state(q: Any, prefix: str = "weight") -> dict[str, torch.Tensor]:
     """The tensors bitsandbytes writes for a 4-bit weight: ``prefix`` (packed, ``(ceil(n/2), 1)``),
     ``prefix.absmax``, ``prefix.quant_map``, with double quantization ``prefix.nested_absmax`` and
     ``prefix.nested_quant_map``, and ``prefix.quant_state.bitsandbytes__nf4`` (a JSON blob as uint8)."""
@@ -224,7 +221,7 @@ def _check_meta(meta: dict[str, object], key: str, nested: bool) -> tuple[torch.
     return dtype, offset
 
 
-def _check_scales(q: NF4Tensor, prefix: str) -> None:
+def check_bnb_scales(q: Any, prefix: str) -> None:
     """The float tables and scales must be finite (and the scales ≥ 0): a NaN or a negative absmax would
     dequantize to NaN or to sign-flipped weights without any error."""
     checks = [(f"{prefix}.quant_map", q.code, False)]
@@ -243,16 +240,14 @@ def _check_scales(q: NF4Tensor, prefix: str) -> None:
             raise ValueError(f"{key} holds block absolute maxima and must be >= 0, got {float(t.min()):g}")
 
 
-def from_bnb_state(
-    tensors: dict[str, torch.Tensor], prefix: str = "weight", cls: type[NF4Tensor] | None = None
-) -> NF4Tensor:
-    """Read what `to_bnb_state` (or bitsandbytes' ``Linear4bit.state_dict``) wrote under ``prefix``.
+def read_bnb_fields(tensors: dict[str, torch.Tensor], prefix: str = "weight") -> dict[str, Any]:
+    """Read what `to_bnb_state` (or bitsandbytes' ``Linear4bit.state_dict``) wrote under ``prefix``: the
+    NF4 container's fields, as keyword arguments (``NF4Tensor(**fields)``; `NF4Tensor.from_bnb_state`
+    builds it and checks it with `check_nf4_fields` and `check_bnb_scales`).
 
     Args:
         tensors: the state dict (or the part of it under ``prefix``).
         prefix: the weight's key, e.g. ``"model.layers.0.mlp.down_proj.weight"``.
-        cls: the container class to build (`NF4Tensor.from_bnb_state` passes its ``cls``); default
-            `NF4Tensor`.
 
     Raises:
         ValueError: FP4; a missing key; a quant-state blob that is not a uint8 UTF-8 JSON object, or whose
@@ -261,11 +256,6 @@ def from_bnb_state(
             recorded shape; a NaN / inf table or scale, or a negative scale.
         TypeError: an entry that is not a tensor.
     """
-    if cls is None:
-        import lora_core.nf4  # lazy: nf4 imports this module at its top (see the module docstring)
-
-        cls = lora_core.nf4.NF4Tensor
-
     key = f"{prefix}.quant_state.bitsandbytes__nf4"
     if key not in tensors:
         fp4 = f"{prefix}.quant_state.bitsandbytes__fp4"
@@ -290,7 +280,7 @@ def from_bnb_state(
     packed = tensors[prefix].reshape(-1)
     if packed.dtype != torch.uint8:  # bnb's quant_storage may be another dtype; the bytes are the same
         packed = packed.contiguous().view(torch.uint8)
-    q = cls(
+    return dict(
         packed=packed,
         absmax=tensors[f"{prefix}.absmax"].reshape(-1),
         shape=torch.Size(meta["shape"]),  # type: ignore[arg-type]
@@ -302,9 +292,6 @@ def from_bnb_state(
         nested_block_size=meta["nested_blocksize"] if nested else None,  # type: ignore[arg-type]
         offset=offset.to(packed.device) if offset is not None else None,
     )
-    check_nf4_fields(q, prefix)
-    _check_scales(q, prefix)
-    return q
 
 
-__all__ = ["check_nf4_fields", "dynamic_map_signed", "from_bnb_state", "to_bnb_state"]
+__all__ = ["check_bnb_scales", "check_nf4_fields", "dynamic_map_signed", "read_bnb_fields", "to_bnb_state"]

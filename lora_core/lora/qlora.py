@@ -2,7 +2,7 @@
 
     y = dequant(W_nf4) x + b + s · B A drop(x)        W_nf4 frozen, 4-bit; A, B (and DoRA's m) in float
 
-``QLoRALinear`` is a ``LoRALinear`` holding an `NF4Base` instead of a `DenseBase` (``lora_core.bases``):
+``QLoRALinear`` is a ``LoRALinear`` holding an `NF4Base` instead of a `DenseBase` (``lora_core.lora.bases``):
 the LoRA/rsLoRA/DoRA/PiSSA math is the same code, only the frozen products differ:
 
     forward              nf4_linear (saves only the packed weight; grad_x = grad_out · dequant(W))
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lora_core.bases import NF4Base, NF4Linear
-from lora_core.layers import LoRALinear
+from lora_core.lora.bases import NF4Base, NF4Linear
+from lora_core.lora.layer import LoRALinear
 
 
 class QLoRALinear(LoRALinear):

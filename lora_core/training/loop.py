@@ -15,15 +15,15 @@ Because the loss is normalized by the token count of the *whole* global batch, t
 whether the batch is split over micro-batches, ranks, or neither: 2 DDP processes equal 1 process with the
 same global batch, and grad accumulation equals a bigger batch (up to float summation order).
 
-**Checkpoints** (``checkpoint.pt``, every ``checkpoint_every`` steps; ``lora_core.train_state``) hold the
+**Checkpoints** (``checkpoint.pt``, every ``checkpoint_every`` steps; ``lora_core.training.state``) hold the
 trainable weights, optimizer, scheduler, step and RNG states; they are written atomically (temp file, fsync,
 rename). Resuming restores all of it, so a run killed at any point and resumed ends with the same weights
 as an uninterrupted run.
 
 **The causal-LM loss** of a transformers model with a plain ``nn.Linear`` head is computed chunk by chunk
-from the final hidden states (``lora_core.losses``): the same sum, without the (tokens × vocab) fp32 logits
-that dominate peak memory for large vocabularies. Other models (the tiny model, custom heads) go through
-``model(input_ids).logits``.
+from the final hidden states (``lora_core.training.losses``): the same sum, without the (tokens × vocab)
+fp32 logits that dominate peak memory for large vocabularies. Other models (the tiny model, custom heads)
+go through ``model(input_ids).logits``.
 
 **Learning rate**: linear warm-up to ``lr`` over ``warmup_steps``, then cosine / linear decay to
 ``min_lr_ratio × lr``, or constant. LoRA+ (Hayou et al. 2024) trains ``B`` with ``lr × loraplus_lr_ratio``.
@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from lora_core._io import atomic_write, atomic_write_text
-from lora_core.data import IGNORE_INDEX, collate
-from lora_core.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
-from lora_core.train_state import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from lora_core.atomic import atomic_write, atomic_write_text
+from lora_core.training.data import IGNORE_INDEX, collate
+from lora_core.training.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
+from lora_core.training.state import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
 TASKS = ("CAUSAL_LM", "SEQ_CLS")
 SCHEDULES = ("cosine", "linear", "constant")

@@ -42,7 +42,7 @@ adapter Parameters themselves, an int seed (the dropout mask is regenerated from
 for DoRA ``g``/``‖V‖`` (out,) plus the output ``y`` (no dropout: the same storage the caller holds) or
 ``w`` (M, out) (dropout). Never a dequantized weight, never a second copy of ``x``.
 
-The frozen ``W₀`` comes in as a base object (``lora_core.bases``: dense or NF4, one protocol). Whether a
+The frozen ``W₀`` comes in as a base object (``lora_core.lora.bases``: dense or NF4, one protocol). Whether a
 layer takes this path is ``lora_core.dispatch``'s decision (CUDA inputs do; `fused_mode("always")` makes
 the tests run the fused math on CPU in float64). The Functions compute in ``x``'s dtype: under autocast
 the layer hands them ``x`` already cast to autocast's dtype.
@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_core.bases import DenseBase, FrozenBase
+from lora_core.lora.bases import DenseBase, FrozenBase
 
 # ---- dropout regenerated from a seed ------------------------------------------------------------------
 
@@ -347,7 +347,7 @@ def fused_lora_linear(
 
     Args:
         x: input, the compute dtype (adapters are cast to it for the products; grads come back in theirs).
-        base: the frozen weight, a ``lora_core.bases`` base (`DenseBase(W)` or `NF4Base(q)`).
+        base: the frozen weight, a ``lora_core.lora.bases`` base (`DenseBase(W)` or `NF4Base(q)`).
         lora_A, lora_B, bias: adapter factors and the (frozen or trainable) bias.
         scaling: ``s``. dropout: ``p`` (0: none). seed: the mask's seed; drawn from the CPU RNG if None.
     """

@@ -13,7 +13,7 @@ A saved adapter is a directory::
 
 so ``peft.PeftModel.from_pretrained(base, "out/adapter")`` reads it, and adapters PEFT saved load here.
 Files are read with safetensors only (never pickle). ``save_adapter`` prepares both files in memory, writes
-them into a temporary sibling folder and swaps that in (``lora_core._io.atomic_write_dir``): a failure or a
+them into a temporary sibling folder and swaps that in (``lora_core.atomic.atomic_write_dir``): a failure or a
 crash never leaves new weights beside an old config, or a folder without one; other files in the folder
 are kept. ``load_adapter`` checks every tensor against the model before it changes anything: a mismatch
 raises and leaves the model exactly as it was. It also reads ``<path>.bias`` for an adapted layer's bias
@@ -32,10 +32,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_core._io import atomic_write_dir
-from lora_core.config import LoraConfig
-from lora_core.layers import linear_features
-from lora_core.model import apply_lora, find_modules_to_save, find_targets, get_lora_config, lora_layers
+from lora_core.atomic import atomic_write_dir
+from lora_core.lora.config import LoraConfig
+from lora_core.lora.layer import linear_features
+from lora_core.lora.surgery import (
+    apply_lora,
+    find_modules_to_save,
+    find_targets,
+    get_lora_config,
+    lora_layers,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_core._io import atomic_write
-from lora_core.nf4 import NF4Tensor
+from lora_core.atomic import atomic_write
+from lora_core.quant.nf4 import NF4Tensor
 
 QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
 
@@ -62,7 +62,7 @@ def read_bnb_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
     Raises:
         ValueError: an FP4 weight (``...bitsandbytes__fp4``), or a quantized entry that is incomplete or
-            malformed (see `lora_core.nf4_bnb.from_bnb_state`); the message names the key.
+            malformed (see `NF4Tensor.from_bnb_state`); the message names the key.
         TypeError: an entry of a quantized weight that is not a tensor.
     """
     fp4 = [k for k in state if k.endswith(".quant_state.bitsandbytes__fp4")]
