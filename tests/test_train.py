@@ -212,8 +212,16 @@ def test_resume_in_process_matches_an_uninterrupted_run(text_data, tmp_path: Pat
         assert torch.equal(pf, pr), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 4 was dropped, then logged again
-    for changed, name in (({"lr": 1e-3}, "lr"), ({"adam_betas": (0.9, 0.95)}, "adam_betas")):
-        with pytest.raises(ValueError, match=rf"different settings \(\['{name}'\]\)"):
+    changes = (
+        ({"lr": 1e-3}, r"settings: lr \(checkpoint 0.003, now 0.001\)\. Resume"),
+        (
+            {"adam_betas": (0.9, 0.95), "max_grad_norm": 0.5},
+            r"adam_betas \(.*\); max_grad_norm \(checkpoint 1.0, now 0.5\)\. Resume",
+        ),
+        ({"fingerprint_extra": {"r": 8}}, r"settings: r \(checkpoint '<not recorded>', now 8\)\. Resume"),
+    )
+    for changed, message in changes:  # every differing setting is named
+        with pytest.raises(ValueError, match=message):
             lc.train(
                 lc.TinyCausalLM(cfg_model),
                 text_data[0],
