@@ -126,6 +126,12 @@ def _check_settings(path: Path, state: dict[str, Any], fingerprint: dict[str, An
         )
 
 
+def check_checkpoint_settings(path: Path, fingerprint: dict[str, Any], world: int = 1) -> None:
+    """Raise ``ValueError`` unless ``path`` is a readable checkpoint written under ``fingerprint`` and
+    ``world`` processes (``TrainConfig.fingerprint()``): lets a caller refuse a resume before it does work."""
+    _check_settings(path, _read(path), fingerprint, world)
+
+
 def _check_tensor(path: Path, what: str, t: Any, like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{path}: {what} is a {type(t).__name__}, not a tensor")
