@@ -4,9 +4,11 @@ This module holds the parser, the error handling and the small commands; ``finet
 on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.finetune``.
 
 ``finetune`` writes into ``--output-dir`` (default ``runs/<timestamp>/``): ``adapter/`` (PEFT layout),
-``metrics.json``, ``metrics.jsonl``, ``loss_curve.png``, ``checkpoint.pt``. Bad input to any command (a
-missing or malformed file, an empty dataset, a sequence longer than the model's context, an adapter for
-another model) prints one line ``lora-core: error: ...`` and exits with code 2 before anything is written.
+``metrics.json``, ``metrics.jsonl``, ``loss_curve.png``, ``checkpoint.pt`` (and ``.lora-core.lock``, held
+while a run lasts). Bad input to any command (a missing or malformed file, an empty dataset, a sequence
+longer than the model's context, an adapter for another model, an output path that cannot be written, a
+usage error) prints one line ``lora-core: error: ...`` and exits with code 2 before anything is written; a
+diverged run, a full disk or another OS error ends the same way after what the run wrote.
 ``LORA_CORE_DEBUG=1`` shows the traceback instead.
 """
 
@@ -86,12 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default ~4/run)"
     )
     ft.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    ft.add_argument("--sample-tokens", type=int, default=None, help="tokens generated before/after (0: none)")
+    ft.add_argument(
+        "--sample-tokens", type=int, default=None, help="tokens generated before/after (>= 0; 0: none)"
+    )
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     ft.add_argument("--output-dir", default=None, help="where results go (default runs/<timestamp>/)")
     ft.add_argument(
-        "--resume", action="store_true", help="continue the run in --output-dir from its checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its checkpoint (the same settings and data)",
     )
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
 
