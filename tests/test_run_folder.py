@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_core.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock, remove_stale_temporaries
+from lora_core._io import remove_stale_temporaries
+from lora_core.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
 
 KILLED_WRITERS = """
 import os, sys
@@ -28,12 +29,12 @@ def test_temporaries_of_killed_writers_are_removed_and_nothing_else(tmp_path: Pa
         assert proc.returncode == 9
     stale = sorted(p.name for p in tmp_path.iterdir())
     assert len(stale) == 2 and all(n.startswith((".checkpoint.pt.", ".adapter.")) for n in stale), stale
-    keep = [".checkpoint.pt.mine.tmp", "checkpoint.pt.abcdefgh.tmp", ".notes.abcdefgh.tmp", ".adapter.old-x",
-            ".checkpoint.pt.abcdefgh.tmp.bak", LOCK_NAME]  # fmt: skip
+    keep = [".checkpoint.pt.mine.tmp", "checkpoint.pt.0a1b2c3d.tmp", ".notes.0a1b2c3d.tmp", ".adapter.old-x",
+            ".checkpoint.pt.0a1b2c3d.tmp.bak", ".checkpoint.pt.abcdefgh.tmp", LOCK_NAME]  # fmt: skip
     for name in keep:
         (tmp_path / name).write_text("user")
-    (tmp_path / ".metrics.json.abcdefgh.tmp").mkdir()  # the right name, but a folder: not ours
-    keep.append(".metrics.json.abcdefgh.tmp")
+    (tmp_path / ".metrics.json.0a1b2c3d.tmp").mkdir()  # the right name, but a folder: not ours
+    keep.append(".metrics.json.0a1b2c3d.tmp")
     removed = remove_stale_temporaries(
         tmp_path, files=("checkpoint.pt", "metrics.json"), folders=("adapter",)
     )
@@ -42,12 +43,12 @@ def test_temporaries_of_killed_writers_are_removed_and_nothing_else(tmp_path: Pa
 
 
 def test_an_old_adapter_left_by_a_crash_mid_swap_is_put_back(tmp_path: Path) -> None:
-    (tmp_path / ".adapter.old-12345").mkdir()
-    (tmp_path / ".adapter.old-12345" / "adapter_config.json").write_text("{}")
+    (tmp_path / ".adapter.0123abcd.old").mkdir()
+    (tmp_path / ".adapter.0123abcd.old" / "adapter_config.json").write_text("{}")
     remove_stale_temporaries(tmp_path, folders=("adapter",))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert (tmp_path / "adapter" / "adapter_config.json").read_text() == "{}"
-    (tmp_path / ".adapter.old-999").mkdir()  # with adapter/ present, the old copy is dropped
+    (tmp_path / ".adapter.89abcdef.old").mkdir()  # with adapter/ present, the old copy is dropped
     remove_stale_temporaries(tmp_path, folders=("adapter",))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
