@@ -32,8 +32,9 @@ from lora_core.quant.checkpoint import (
     save_quantized,
 )
 from lora_core.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from lora_core.training.config import TrainConfig
 from lora_core.training.data import PackedDataset, load_dataset
-from lora_core.training.loop import TrainConfig, TrainingDiverged, TrainResult, evaluate, train
+from lora_core.training.loop import TrainingDiverged, TrainResult, evaluate, train
 from lora_core.training.losses import causal_lm_hidden_and_head, causal_lm_loss, chunked_causal_lm_loss
 
 __all__: list[str] = [

@@ -12,10 +12,13 @@ lands at the target has the permissions any other tool would give it (not ``mkst
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+_RANDOM = "[0-9a-f]{8}"  # the random part of a temporary's name: secrets.token_hex(4), see `_sibling`
 
 
 def _fsync(path: Path) -> None:
@@ -142,3 +145,37 @@ def atomic_write_dir(
         shutil.rmtree(old, ignore_errors=True)
     _fsync(path.parent)
     return path
+
+
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str], files: Iterable[str] = (), folders: Iterable[str] = ()
+) -> list[Path]:
+    """Remove what killed writers left in ``folder``: `atomic_write`'s ``.NAME.XXXXXXXX.tmp`` files for the
+    given file ``NAME``s, `atomic_write_dir`'s ``.NAME.XXXXXXXX.tmp`` and ``.NAME.XXXXXXXX.old`` folders for
+    the given folder ``NAME``s (``XXXXXXXX``: `_sibling`'s 8 random hex digits). An ``.old`` folder is moved
+    back to ``NAME`` when ``NAME`` is gone: a crash between the two renames of the swap left it as the only
+    copy. Only entries whose name matches
+    exactly and whose kind (file / folder, not a link) is the one these functions write are touched.
+
+    Only call it while no other process writes into ``folder`` (hold ``hold_folder_lock``). Returns the paths
+    removed or restored.
+    """
+    folder = Path(folder)
+    file_re = re.compile(rf"\.({'|'.join(map(re.escape, files)) or '(?!)'})\.{_RANDOM}\.tmp")
+    dir_re = re.compile(rf"\.({'|'.join(map(re.escape, folders)) or '(?!)'})\.{_RANDOM}\.(?:tmp|old)")
+    done = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if entry.is_symlink():
+            continue
+        if file_re.fullmatch(entry.name) and entry.is_file():
+            entry.unlink()
+        elif (match := dir_re.fullmatch(entry.name)) and entry.is_dir():
+            target = folder / match.group(1)
+            if entry.name.endswith(".old") and not target.exists() and not target.is_symlink():
+                os.replace(entry, target)  # the old folder is the only copy left: put it back
+            else:
+                shutil.rmtree(entry)
+        else:
+            continue
+        done.append(entry)
+    return done

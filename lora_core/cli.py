@@ -4,15 +4,18 @@ This module holds the parser, the error handling and the small commands; ``finet
 on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.finetune``.
 
 ``finetune`` writes into ``--output-dir`` (default ``runs/<timestamp>/``): ``adapter/`` (PEFT layout),
-``metrics.json``, ``metrics.jsonl``, ``loss_curve.png``, ``checkpoint.pt``. Bad input to any command (a
-missing or malformed file, an empty dataset, a sequence longer than the model's context, an adapter for
-another model) prints one line ``lora-core: error: ...`` and exits with code 2 before anything is written.
+``metrics.json``, ``metrics.jsonl``, ``loss_curve.png``, ``checkpoint.pt`` (and ``.lora-core.lock``, held
+while a run lasts). Bad input to any command (a missing or malformed file, an empty dataset, a sequence
+longer than the model's context, an adapter for another model, an output path that cannot be written, a
+usage error) prints one line ``lora-core: error: ...`` and exits with code 2 before anything is written; a
+diverged run, a full disk or another OS error ends the same way after what the run wrote.
 ``LORA_CORE_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import os
@@ -31,11 +34,20 @@ class CliError(Exception):
     """Bad input to the command line: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ``lora-core: error: ...`` and exit 2 like every other error
+    (``--help`` still prints the usage)."""
+
+    def error(self, message: str) -> Any:
+        command = self.prog.removeprefix("lora-core").strip()  # "finetune" for a subcommand's parser
+        self.exit(2, f"lora-core: error: {command + ': ' if command else ''}{' '.join(message.split())}\n")
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-core", description="LoRA / QLoRA fine-tuning with lora_core.")
+    parser = _Parser(prog="lora-core", description="LoRA / QLoRA fine-tuning with lora_core.")
     parser.add_argument("--version", action="version", version=f"lora-core {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -76,12 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default ~4/run)"
     )
     ft.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    ft.add_argument("--sample-tokens", type=int, default=None, help="tokens generated before/after (0: none)")
+    ft.add_argument(
+        "--sample-tokens", type=int, default=None, help="tokens generated before/after (>= 0; 0: none)"
+    )
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     ft.add_argument("--output-dir", default=None, help="where results go (default runs/<timestamp>/)")
     ft.add_argument(
-        "--resume", action="store_true", help="continue the run in --output-dir from its checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its checkpoint (the same settings and data)",
     )
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -124,14 +140,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(command: Any, args: Any) -> int:
+    """Run a command; bad input, a diverged run, an unreadable file or a full disk is one line and exit 2.
+
+    Caught: ``CliError``, ``ValueError`` / ``TypeError`` (the library's checks of its input, e.g. a bad
+    checkpoint), ``TrainingDiverged``, safetensors' ``SafetensorError`` (a truncated or foreign file) and
+    ``OSError`` (disk full, permissions, a path under a file). Anything else is a bug and keeps its traceback.
+    """
+    from safetensors import SafetensorError
+
+    from lora_core.training.loop import TrainingDiverged
+
     try:
         return command(args)
-    except (CliError, FileNotFoundError, ValueError, TypeError) as e:
+    except (CliError, ValueError, TypeError, TrainingDiverged, SafetensorError, OSError) as e:
         if os.environ.get("LORA_CORE_DEBUG"):
             raise
-        # One line, even when a library's message runs over several (transformers' often do).
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        print(f"lora-core: error: {first}", file=sys.stderr)
+        print(f"lora-core: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lora-core: interrupted (resume with --resume)", file=sys.stderr)
@@ -139,6 +163,30 @@ def _run(command: Any, args: Any) -> int:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _one_line(e: BaseException) -> str:
+    """The first non-empty line of an error (a library's message often runs over several)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" while writing {e.filename}" if e.filename else ""
+        return f"no space left on device{where}; free some space and run again (--resume continues a run)"
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if type(e).__name__ == "SafetensorError":
+        return f"not a valid safetensors file ({e})"
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def check_output_path(path: Path, flag: str, *, folder: bool) -> None:
+    """``path`` can be written as a folder (or a file): it is not the other kind, and no parent is a file."""
+    want, other = ("folder", "file") if folder else ("file", "folder")
+    if path.exists() and path.is_dir() != folder:
+        raise CliError(f"{flag} {path} is a {other}; give a {want}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CliError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -195,6 +243,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def merge(args: argparse.Namespace) -> int:
     import torch
+    from safetensors import SafetensorError
 
     import lora_core as lc
 
@@ -202,9 +251,13 @@ def merge(args: argparse.Namespace) -> int:
     config = _read_json(adapter / "adapter_config.json", f"{adapter} is not an adapter directory")
     if out.exists():
         raise CliError(f"--out {out} already exists; pick a new directory")
+    check_output_path(out, "--out", folder=True)
     base = args.model or config.get("base_model_name_or_path") or None
     model, tokenizer, _ = load_model(base, torch.device("cpu"))
-    model = lc.load_adapter(model, adapter)  # ValueError (exit 2) when it was made for another model
+    try:
+        model = lc.load_adapter(model, adapter)  # ValueError (exit 2) when it was made for another model
+    except SafetensorError as e:
+        raise CliError(f"{adapter}: the adapter's weights are not a valid safetensors file ({e})") from None
     plain = lc.unload_lora(model, dequantize=True)
 
     def write_merged(tmp: Path) -> None:
@@ -230,6 +283,7 @@ def quantize(args: argparse.Namespace) -> int:
         raise CliError(f"input file not found: {src}")
     if dst.exists() and dst.resolve() == src.resolve():
         raise CliError("output must differ from input")
+    check_output_path(dst, "output", folder=False)
     try:
         tensors = load_file(str(src))
     except SafetensorError as e:

@@ -5,26 +5,36 @@ with Shakespeare, sized to finish in minutes on a CPU and larger on a GPU::
 
     load model ─ load data ─ apply_lora ─ eval + sample (before) ─ train ─ eval + sample (after) ─ save
 
-Every check of the user's input (files, sizes, the model's context) runs before anything is written.
+Every check of the user's input (files, sizes, the model's context) runs before anything is written. The
+run then holds a lock on ``--output-dir`` (a second run there is refused) and removes what killed runs left
+(``lora_core.run_folder``). ``--resume`` continues only the run it names: the checkpoint records the model,
+the LoRA settings, the sequence length and a digest of the training data next to the training settings, and
+a resume under any other value is refused, naming each one.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
+import hashlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lora_core.atomic import atomic_write_dir, atomic_write_text
-from lora_core.cli import SMOLLM2_HUB_NAME, TINY, CliError, check_positive, load_model
+from lora_core.atomic import atomic_write_dir, atomic_write_text, remove_stale_temporaries
+from lora_core.cli import SMOLLM2_HUB_NAME, TINY, CliError, check_output_path, check_positive, load_model
+from lora_core.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
+from lora_core.training.state import CHECKPOINT_NAME, check_checkpoint_settings
 
 EVAL_PLAY = "hamlet_gut.txt"  # held out of the default Shakespeare training text
 SAMPLE_PROMPT = "HAMLET. To be, or not to be,"
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.json", "loss_curve.png")  # what a run writes
+RUN_FOLDERS = ("adapter",)
 
 # Defaults sized for the device: minutes on a 2-core CPU, a proper run on a GPU.
 # Measured on the 2-core AVX2 CPU here (shared): SmolLM2-135M QLoRA trains at 84 tokens/s (15 under load).
@@ -102,7 +112,6 @@ def finetune(args: argparse.Namespace) -> int:
     import lora_core as lc
     from lora_core.models import pretrained
     from lora_core.training.data import load_dataset
-    from lora_core.training.loop import plot_loss_curve
 
     check_positive(
         args, "steps", "batch_size", "grad_accum", "seq_len", "lr", "r", "alpha", "eval_blocks", "eval_every",
@@ -110,6 +119,8 @@ def finetune(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.warmup is not None and args.warmup < 0:
         raise CliError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.sample_tokens is not None and args.sample_tokens < 0:
+        raise CliError(f"--sample-tokens must be >= 0 (0: no sample), got {args.sample_tokens}")
     device = pick_device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     steps = args.steps or defaults["steps"]
@@ -118,18 +129,14 @@ def finetune(args: argparse.Namespace) -> int:
     eval_blocks = args.eval_blocks or defaults["eval_blocks"]
     sample_tokens = defaults["sample_tokens"] if args.sample_tokens is None else args.sample_tokens
     out_dir = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.resume:
-        raise CliError(f"--output-dir {out_dir} is not empty; pass --resume to continue it, or pick another")
+    check_output_path(out_dir, "--output-dir", folder=True)
+    _check_run_folder(out_dir, args.resume)
     for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
         if path is not None and not Path(path).is_file():
             raise CliError(f"{flag}: file not found: {path}")
     if args.model not in (None, TINY, SMOLLM2_HUB_NAME) and not Path(args.model).exists():
         raise CliError(f"--model: not found: {args.model} (a transformers folder, a .gguf file, or '{TINY}')")
 
-    if args.quantize == "nf4" and importlib.util.find_spec("lora_core.lora.qlora") is None:
-        raise CliError(
-            "--quantize nf4 needs lora_core.lora.qlora, which this install lacks; use --quantize none"
-        )
     # Data paths first (cheap checks), then the model, then tokenize: all before anything is written.
     if args.data is None:
         plays = [
@@ -182,7 +189,73 @@ def finetune(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
         eval_batch_size=batch_size,
+        fingerprint_extra={  # the rest of what makes the trajectory or the meaning of the weights
+            "model": base_name,
+            "quantize": args.quantize,
+            "r": args.r,
+            "alpha": args.alpha,
+            "dropout": args.dropout,
+            "target_modules": targets if targets == "all-linear" else sorted(targets.split(",")),
+            "seq_len": seq_len,
+            "data": _digest(train_set),
+        },
     )
+    if args.resume:  # refuse other settings now, not after the evaluation before training
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        check_checkpoint_settings(out_dir / CHECKPOINT_NAME, train_cfg.fingerprint(), world)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun rank 0 writes, and holds the folder for all
+    with _claim_run_folder(out_dir, args.resume) if rank == 0 else contextlib.nullcontext():
+        run = {"base_name": base_name, "train_files": train_files, "steps": steps, "batch_size": batch_size,
+               "seq_len": seq_len, "total_params": total_params, "sample_tokens": sample_tokens}  # fmt: skip
+        return _train_and_save(model, tokenizer, train_set, eval_set, train_cfg, out_dir, device, args, run)
+
+
+@contextlib.contextmanager
+def _claim_run_folder(out_dir: Path, resume: bool) -> Iterator[None]:
+    """Hold ``out_dir``'s lock for the block, check it again under the lock, clear killed runs' leftovers."""
+    try:
+        lock = hold_folder_lock(out_dir)
+    except FolderBusy:
+        msg = f"--output-dir {out_dir} is in use by another lora-core run; wait for it or pick another"
+        raise CliError(msg) from None
+    with lock:
+        _check_run_folder(out_dir, resume)  # again: a run that held the lock may have written here since
+        remove_stale_temporaries(out_dir, files=RUN_FILES, folders=RUN_FOLDERS)
+        yield
+
+
+def _check_run_folder(out_dir: Path, resume: bool) -> None:
+    """A new run needs an empty (or new) folder; ``--resume`` needs one with a checkpoint."""
+    if resume and not (out_dir / CHECKPOINT_NAME).is_file():
+        raise CliError(
+            f"--resume: {out_dir} has no checkpoint.pt to resume from (the run stopped before its first "
+            "checkpoint, or this is not a run folder); start a new run in an empty --output-dir"
+        )
+    if not resume and out_dir.is_dir() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+        raise CliError(f"--output-dir {out_dir} is not empty; pass --resume to continue it, or pick another")
+
+
+def _digest(data: Any) -> str:
+    """sha256 of the tokenized training blocks: the data's content, its tokenizer and its packing."""
+    h = hashlib.sha256()
+    for t in (data.input_ids, data.labels):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _train_and_save(model: Any, tokenizer: Any, train_set: Any, eval_set: Any, train_cfg: Any, out_dir: Path,
+                    device: Any, args: argparse.Namespace, run: dict[str, Any]) -> int:  # fmt: skip
+    """Evaluate and sample, train, evaluate and sample again, save: the part of a run that writes."""
+    import torch
+
+    import lora_core as lc
+    from lora_core.training.loop import plot_loss_curve
+
+    base_name, train_files, steps = run["base_name"], run["train_files"], run["steps"]
+    batch_size, seq_len, total_params, sample_tokens = (
+        run["batch_size"], run["seq_len"], run["total_params"], run["sample_tokens"]
+    )  # fmt: skip
     started = time.perf_counter()
     eval_before = lc.evaluate(model, eval_set, train_cfg)
     sample_before = _sample(model, tokenizer, SAMPLE_PROMPT, sample_tokens, device)
@@ -201,7 +274,8 @@ def finetune(args: argparse.Namespace) -> int:
         atomic_write_dir(out_dir / "adapter", lambda tmp: lc.save_adapter(model, tmp))
         # lc.train drew the curve without the evaluation made before it started: redraw with it at step 0,
         # so the held-out drop is visible.
-        plot_loss_curve([{"step": 0, "eval_loss": eval_before}, *result.history], out_dir / "loss_curve.png")
+        history = [{"step": 0, "eval_loss": eval_before}, *result.history]
+        drawn = plot_loss_curve(history, out_dir / "loss_curve.png")
         trainable = lc.trainable_parameters(model).trainable
         metrics = {
             "model": base_name,
@@ -233,5 +307,6 @@ def finetune(args: argparse.Namespace) -> int:
             "sample_after": sample_after,
         }
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        print(f"wrote {out_dir}/adapter, metrics.json, loss_curve.png", file=sys.stderr)
+        curve = ", loss_curve.png" if drawn else " (no loss_curve.png: matplotlib is not installed)"
+        print(f"wrote {out_dir}/adapter, metrics.json{curve}", file=sys.stderr)
     return 0

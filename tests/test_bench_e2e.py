@@ -118,7 +118,7 @@ def test_apply_lora_device_moves_each_layer_then_the_rest() -> None:
     twin = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     twin.load_state_dict(model.state_dict())
     cfg = LoraConfig(r=2, alpha=4, target_modules=["0", "2"], quantize="nf4")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="device"):
         apply_lora(model, cfg, device="no-such-device")
     assert isinstance(model[0], nn.Linear)  # untouched
     torch.manual_seed(1)

@@ -87,8 +87,17 @@ def test_resume_from_a_mid_run_checkpoint_ends_with_the_same_adapter(run: Path) 
     args = ["--data", str(run / "data.txt"), "--output-dir", str(killed), "--checkpoint-every", "3"]
     refused = cli("finetune", *FAST, *args)  # without --resume the folder is not touched
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    # What killed writers leave (lora_core.atomic's names), and user files that only look alike: kept.
+    stale = [".checkpoint.pt.9f3e01aa.tmp", ".metrics.jsonl.0a1b2c3d.tmp", ".adapter.77ab0c12.tmp"]
+    mine = [".checkpoint.pt.mine.tmp", "checkpoint.pt.9f3e01aa.tmp", ".notes.9f3e01aa.tmp", ".adapter.old-x"]
+    for name in stale[:2] + mine[:3]:
+        (killed / name).write_text("x")
+    for name in (stale[2], mine[3]):
+        (killed / name).mkdir()
     result = cli("finetune", *FAST, *args, "--resume")
     assert result.returncode == 0, result.stderr
+    left = {p.name for p in killed.iterdir()}
+    assert not left & set(stale) and set(mine) <= left
     expected = load_file(str(run / "run" / "adapter" / "adapter_model.safetensors"))
     resumed = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     assert sorted(resumed) == sorted(expected)
@@ -305,6 +314,7 @@ def test_each_torchrun_process_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch)
         ("--checkpoint-every", "-2", "--checkpoint-every must be > 0"),
         ("--warmup", "-1", "--warmup must be >= 0"),
         ("--steps", "0", "--steps must be > 0"),
+        ("--sample-tokens", "-3", "--sample-tokens must be >= 0"),
     ],
 )
 def test_bad_numbers_name_the_flag(
@@ -332,3 +342,174 @@ def test_gguf_files_of_the_same_name_get_their_own_cached_copy(tmp_path: Path) -
     assert (
         gguf_cache_folder(tmp_path / "a" / ".." / "a" / "model.gguf") == first
     )  # the same file, the same copy
+
+
+def snapshot_tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder): "every file as it was"."""
+    paths = sorted(root.rglob("*"))
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in paths}
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("lora-core: error:") and result.stderr.count("\n") == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
+
+
+def test_resume_with_other_settings_names_every_one_and_changes_nothing(run: Path) -> None:
+    changed = run / "changed"
+    changed.mkdir()
+    shutil.copy(run / "run" / "checkpoint.pt", changed / "checkpoint.pt")
+    (run / "other.txt").write_text(TEXT.replace("green", "brown"))
+    tiny_folder = run / "tiny-model"
+    tiny_folder.mkdir()
+    lc.TinyCausalLM(seed=0).save_pretrained(tiny_folder)
+    before = snapshot_tree(changed)
+    argv = [*FAST, "--data", str(run / "other.txt"), "--output-dir", str(changed), "--resume"]
+    for flag, value in (("--seq-len", "16"), ("--quantize", "nf4"), ("--model", str(tiny_folder))):
+        argv[argv.index(flag) + 1] = value
+    argv += ["--alpha", "8", "--dropout", "0.1", "--r", "4", "--target-modules", "q_proj,v_proj"]
+    result = cli("finetune", *argv)
+    settings = ["alpha", "data", "dropout", "model", "quantize", "r", "seq_len", "target_modules"]
+    assert_one_line_error(result, "different settings", *(f"{k} (checkpoint" for k in settings))
+    assert snapshot_tree(changed) == before
+
+
+@pytest.mark.parametrize("case", ["empty", "garbage", "pickled_object"])
+def test_resume_from_a_bad_checkpoint_is_one_line_exit_2(tmp_path: Path, case: str) -> None:
+    (tmp_path / "data.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    out.mkdir()
+    if case == "pickled_object":
+        torch.save({"an": ["arbitrary", "object"]}, out / "checkpoint.pt")
+    else:
+        (out / "checkpoint.pt").write_bytes(b"" if case == "empty" else b"\x80\x04garbage" * 50)
+    before = snapshot_tree(out)
+    args = ["--data", str(tmp_path / "data.txt"), "--output-dir", str(out), "--resume"]
+    assert_one_line_error(cli("finetune", *FAST, *args), "checkpoint.pt is not")
+    assert snapshot_tree(out) == before
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "data.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir", str(out), "--resume"]
+    code, err = _in_process(argv, capsys)
+    assert code == 2 and "has no checkpoint.pt to resume from" in err and err.count("\n") == 1, err
+    assert list(out.iterdir()) == []
+
+
+def test_a_diverged_run_is_one_line_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_text(TEXT)
+    args = ["--data", str(tmp_path / "data.txt"), "--output-dir", str(tmp_path / "out"), "--lr", "1e30"]
+    result = cli("finetune", *FAST, *args)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.splitlines()[-1]  # after the progress report of the run that diverged
+    assert last.startswith("lora-core: error:") and "Traceback" not in result.stderr, result.stderr
+    assert "loss became nan" in last or "weights became NaN or inf" in last, last
+
+
+def test_merge_of_a_truncated_adapter_is_one_line_exit_2(run: Path) -> None:
+    adapter = run / "truncated-adapter"
+    shutil.copytree(run / "run" / "adapter", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    result = cli("merge", str(adapter), "--out", str(run / "merged-truncated"))
+    assert_one_line_error(result, "not a valid safetensors file")
+    assert not (run / "merged-truncated").exists()
+
+
+def test_a_usage_error_is_one_line_exit_2() -> None:
+    result = cli("finetune", "--r", "x")
+    assert_one_line_error(result, "finetune: argument --r: invalid int value: 'x'")
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["output_dir_is_a_file", "output_dir_under_a_file", "merge_out_under_a_file",
+     "quantize_output_is_a_folder", "quantize_output_under_a_file", "bad_choice"],
+)  # fmt: skip
+def test_output_paths_that_cannot_be_written_are_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    from safetensors.torch import save_file
+
+    monkeypatch.delenv("LORA_CORE_DEBUG", raising=False)
+    (tmp_path / "data.txt").write_text(TEXT)
+    (tmp_path / "a-file").write_text("mine")
+    save_file({"q_proj.weight": torch.randn(8, 64)}, str(tmp_path / "in.safetensors"))
+    (tmp_path / "folder").mkdir()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj"], "base_model_name_or_path": "tiny"}))  # fmt: skip
+    finetune = ["finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir"]
+    quantize = ["quantize", str(tmp_path / "in.safetensors")]
+    under_a_file = tmp_path / "a-file" / "x"
+    argv, message = {
+        "output_dir_is_a_file": ([*finetune, str(tmp_path / "a-file")], "is a file; give a folder"),
+        "output_dir_under_a_file": ([*finetune, str(under_a_file)], "is a file, not a folder"),
+        "merge_out_under_a_file": (["merge", str(adapter), "--out", str(under_a_file)], "is a file, not a"),
+        "quantize_output_is_a_folder": ([*quantize, str(tmp_path / "folder")], "is a folder; give a file"),
+        "quantize_output_under_a_file": ([*quantize, str(under_a_file)], "is a file, not a folder"),
+        "bad_choice": ([*finetune, str(tmp_path / "out"), "--quantize", "int3"], "argument --quantize"),
+    }[case]
+    before = snapshot_tree(tmp_path)
+    try:
+        code, err = _in_process(argv, capsys)
+    except SystemExit as e:  # argparse's own exit
+        code, err = e.code, capsys.readouterr().err
+    assert code == 2 and err.startswith("lora-core: error:") and message in err and err.count("\n") == 1, err
+    assert snapshot_tree(tmp_path) == before
+
+
+def test_a_full_disk_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import lora_core.finetune
+
+    def no_space(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.delenv("LORA_CORE_DEBUG", raising=False)
+    monkeypatch.setattr(lora_core.finetune, "atomic_write_text", no_space)  # metrics.json: the last write
+    (tmp_path / "data.txt").write_text(TEXT)
+    argv = ["finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir", str(tmp_path / "out")]
+    code, err = _in_process(argv, capsys)
+    last = err.splitlines()[-1]
+    assert code == 2 and last.startswith("lora-core: error: no space left on device"), err
+    assert "metrics.json" in last and "Traceback" not in err
+
+
+def test_without_matplotlib_no_curve_is_claimed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    (tmp_path / "data.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    argv = ["finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir", str(out)]
+    code, err = _in_process(argv, capsys)
+    assert code == 0, err
+    assert not (out / "loss_curve.png").exists()
+    wrote = next(line for line in err.splitlines() if line.startswith("wrote"))
+    assert "loss_curve.png" not in wrote.split("(")[0] and "matplotlib is not installed" in wrote, wrote
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    (tmp_path / "data.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lora-core.lock", "a") as held:  # what a running `lora-core finetune` holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = snapshot_tree(out)
+        result = cli("finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir", str(out))
+        assert_one_line_error(result, "is in use by another lora-core run")
+        assert snapshot_tree(out) == before
+    result = cli("finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr  # released: the folder is free again

@@ -212,8 +212,16 @@ def test_resume_in_process_matches_an_uninterrupted_run(text_data, tmp_path: Pat
         assert torch.equal(pf, pr), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 4 was dropped, then logged again
-    for changed, name in (({"lr": 1e-3}, "lr"), ({"adam_betas": (0.9, 0.95)}, "adam_betas")):
-        with pytest.raises(ValueError, match=rf"different settings \(\['{name}'\]\)"):
+    changes = (
+        ({"lr": 1e-3}, r"settings: lr \(checkpoint 0.003, now 0.001\)\. Resume"),
+        (
+            {"adam_betas": (0.9, 0.95), "max_grad_norm": 0.5},
+            r"adam_betas \(.*\); max_grad_norm \(checkpoint 1.0, now 0.5\)\. Resume",
+        ),
+        ({"fingerprint_extra": {"r": 8}}, r"settings: r \(checkpoint '<not recorded>', now 8\)\. Resume"),
+    )
+    for changed, message in changes:  # every differing setting is named
+        with pytest.raises(ValueError, match=message):
             lc.train(
                 lc.TinyCausalLM(cfg_model),
                 text_data[0],
@@ -237,6 +245,78 @@ def test_resume_in_process_matches_an_uninterrupted_run(text_data, tmp_path: Pat
 def test_config_rejects_bad_values(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         lc.TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "field"),
+    [
+        ({"weight_decay": float("nan")}, ValueError, "weight_decay"),
+        ({"max_grad_norm": float("nan")}, ValueError, "max_grad_norm"),
+        ({"max_grad_norm": float("inf")}, ValueError, "max_grad_norm"),
+        ({"loraplus_lr_ratio": float("nan")}, ValueError, "loraplus_lr_ratio"),
+        ({"loraplus_lr_ratio": float("inf")}, ValueError, "loraplus_lr_ratio"),
+        ({"adam_eps": float("nan")}, ValueError, "adam_eps"),
+        ({"adam_betas": (0.9, float("nan"))}, ValueError, r"adam_betas\[1\]"),
+        ({"adam_betas": (1.0, 0.999)}, ValueError, r"adam_betas\[0\]"),
+        ({"min_lr_ratio": float("nan")}, ValueError, "min_lr_ratio"),
+        ({"lr_groups": {"x": float("nan")}}, ValueError, "lr_groups"),
+        ({"lr": "1e-3"}, TypeError, "lr"),
+        ({"weight_decay": "0.1"}, TypeError, "weight_decay"),
+        ({"max_grad_norm": True}, TypeError, "max_grad_norm"),
+        ({"batch_size": True}, ValueError, "batch_size"),
+        ({"resume": "yes"}, TypeError, "resume"),
+        ({"fingerprint_extra": {"data": object()}}, TypeError, "fingerprint_extra"),
+        ({"fingerprint_extra": {"lr": 1.0}}, ValueError, "fingerprint_extra"),
+    ],
+)
+def test_config_rejects_non_finite_and_mistyped_values(kwargs: dict, error: type, field: str) -> None:
+    with pytest.raises(error, match=f"TrainConfig.{field}"):
+        lc.TrainConfig(**kwargs)
+
+
+def test_weights_that_overflow_are_never_checkpointed(text_data, tmp_path: Path) -> None:
+    """A huge lr gives finite loss and grad norm but inf weights after the update: the step that did it
+    raises, and the checkpoint on disk stays the last good (finite) one."""
+    model = lc.TinyCausalLM()
+    big = {"on": False}
+
+    def on_step(step: int, metrics: dict) -> None:
+        big["on"] = step == 2
+
+    cfg = quick(output_dir=tmp_path / "run", checkpoint_every=1, on_step=on_step, weight_decay=0.0)
+    original_step = torch.optim.AdamW.step
+
+    def exploding_step(self, *args, **kwargs):  # the update of step 3 overflows (as lr=1e30 would)
+        out = original_step(self, *args, **kwargs)
+        if big["on"]:
+            with torch.no_grad():
+                next(iter(self.param_groups[0]["params"])).mul_(float("inf"))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", exploding_step)
+        with pytest.raises(lc.TrainingDiverged, match=r"step 3 .*checkpoint.pt \(step 2\)"):
+            lc.train(model, text_data[0], config=cfg)
+    state = torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def test_data_without_any_target_is_refused(text_data) -> None:
+    held_out = text_data[0]
+    no_targets = PackedDataset(held_out.input_ids, torch.full_like(held_out.labels, -100))
+    with pytest.raises(ValueError, match="no target"):  # it used to report a loss of 0.0 for every step
+        lc.train(lc.TinyCausalLM(), no_targets, config=quick(max_steps=2))
+
+    class Plain(torch.utils.data.Dataset):  # not a PackedDataset: the check reads the examples
+        def __len__(self) -> int:
+            return len(no_targets)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return no_targets[i]
+
+    with pytest.raises(ValueError, match="no target"):
+        lc.train(lc.TinyCausalLM(), Plain(), config=quick(max_steps=2))
 
 
 def test_too_little_data_or_nothing_to_train(text_data) -> None:

@@ -39,8 +39,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,134 +50,20 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lora_core.atomic import atomic_write, atomic_write_text
+from lora_core.training.config import TrainConfig
 from lora_core.training.data import IGNORE_INDEX, collate
 from lora_core.training.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
 from lora_core.training.state import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
-TASKS = ("CAUSAL_LM", "SEQ_CLS")
-SCHEDULES = ("cosine", "linear", "constant")
-# Fields that change the trajectory: a checkpoint refuses to resume under different values.
-_TRAJECTORY_FIELDS = (
-    "task",
-    "lr",
-    "weight_decay",
-    "adam_betas",
-    "adam_eps",
-    "batch_size",
-    "grad_accum",
-    "epochs",
-    "max_steps",
-    "warmup_steps",
-    "schedule",
-    "min_lr_ratio",
-    "max_grad_norm",
-    "loraplus_lr_ratio",
-    "lr_groups",
-    "seed",
-)
-
 
 class TrainingDiverged(RuntimeError):
-    """The loss (or gradient norm) became NaN or inf; the parameters of the last good step are kept."""
+    """The loss, the gradient norm or the updated weights became NaN or inf.
 
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of ``train``; validated at construction.
-
-    Args:
-        output_dir: where ``checkpoint.pt``, ``metrics.jsonl`` and ``loss_curve.png`` go (None: nothing).
-        task: ``"CAUSAL_LM"`` (next-token loss on ``labels``, ``-100`` ignored) or ``"SEQ_CLS"`` (one label
-            per example).
-        lr, weight_decay, adam_betas, adam_eps: AdamW (Loshchilov & Hutter 2019); decay only on ≥2-D weights.
-        batch_size: examples per micro-batch *per process*. grad_accum: micro-batches per optimizer step.
-        epochs, max_steps: train for ``max_steps`` steps if given, else ``epochs`` passes over the data.
-        warmup_steps, schedule, min_lr_ratio: the learning-rate schedule (see the module docstring).
-        max_grad_norm: clip the global grad norm to this (None: no clipping).
-        mixed_precision: ``"bf16"`` autocast, ``"no"``, or ``"auto"`` (bf16 on a CUDA device that has it).
-        gradient_checkpointing: recompute activations in backward (the model must offer
-            ``gradient_checkpointing_enable``, as transformers models and the tiny model do).
-        loraplus_lr_ratio: LoRA+ — parameters named ``lora_B`` get ``lr × ratio`` (the paper suggests 16).
-        lr_groups: per-layer learning rates, ``{regex: multiplier}`` matched with ``re.search`` against
-            parameter names, first match wins (e.g. ``{r"layers\\.(0|1)\\.": 0.1}``).
-        chunked_loss: for a transformers causal LM with a plain ``nn.Linear`` head, compute the loss from
-            the hidden states chunk by chunk (same value and gradients up to float rounding, far less
-            memory); False always materialises the logits.
-        eval_every, checkpoint_every: every N optimizer steps (None: only at the end / never).
-        seed: data order and dropout. resume: continue from ``output_dir/checkpoint.pt`` if it exists.
-        log_every: a metrics line every N steps. progress: draw the progress bar on stderr.
-        on_step: called after every optimizer step with ``(step, metrics)`` (rank 0 only).
+    A NaN / inf loss or gradient norm is caught before the update: the weights in memory are those of the
+    last good step. Weights that overflow in the update itself (a huge learning rate) are caught right after
+    it, so the weights in memory are not usable then. Either way no checkpoint with non-finite weights is
+    written: ``checkpoint.pt`` keeps the last good step (the message names it).
     """
-
-    output_dir: str | Path | None = None
-    task: str = "CAUSAL_LM"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "auto"
-    gradient_checkpointing: bool = False
-    loraplus_lr_ratio: float | None = None
-    lr_groups: dict[str, float] = field(default_factory=dict)
-    chunked_loss: bool = True
-    eval_every: int | None = None
-    eval_batch_size: int | None = None
-    checkpoint_every: int | None = None
-    seed: int = 0
-    resume: bool = False
-    log_every: int = 1
-    progress: bool = True
-    on_step: Callable[[int, dict[str, float]], None] | None = None
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"TrainConfig.task must be one of {TASKS}, got {self.task!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError(
-                f"TrainConfig.mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}"
-            )
-        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "eval_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"TrainConfig.{name} must be None or an int >= 1, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"TrainConfig.lr must be a positive finite float, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm}")
-        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
-            raise ValueError(
-                f"TrainConfig.loraplus_lr_ratio must be None or > 0, got {self.loraplus_lr_ratio}"
-            )
-        for pattern, scale in self.lr_groups.items():
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"TrainConfig.lr_groups: {pattern!r} is not a valid regex ({e})") from None
-            if not scale > 0:
-                raise ValueError(f"TrainConfig.lr_groups[{pattern!r}] must be > 0, got {scale}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in _TRAJECTORY_FIELDS}
 
 
 @dataclass
@@ -256,6 +141,18 @@ class _LossSum(nn.Module):
         return chunked_causal_lm_loss(
             hidden.to(weight.dtype), weight, batch["labels"], lm_head_bias=bias, reduction="sum"
         )
+
+
+def _has_a_target(data: Dataset) -> bool:
+    """Whether any causal-LM example has a label other than -100 (``PackedDataset``: one tensor check)."""
+    labels = getattr(data, "labels", None)
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and len(labels) == len(data):
+        return bool((labels[:, 1:] != IGNORE_INDEX).any())
+    return any(bool((torch.as_tensor(data[i]["labels"])[1:] != IGNORE_INDEX).any()) for i in range(len(data)))
+
+
+def _all_finite(params: list[nn.Parameter]) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -388,6 +285,8 @@ def train(
             f"train_data has {len(train_data)} examples, fewer than one global batch of {G} "
             f"(batch_size {cfg.batch_size} × grad_accum {cfg.grad_accum} × {world} processes)"
         )
+    if cfg.task == "CAUSAL_LM" and not _has_a_target(train_data):  # else every step reports a loss of 0
+        raise ValueError("train_data has no target: every label is -100, so there is nothing to learn")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     out_dir = Path(cfg.output_dir) if cfg.output_dir is not None else None
     writer = rank == 0 and out_dir is not None
@@ -458,6 +357,12 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if not _all_finite(params):  # a checkpoint must never hold these
+            where = f"{ckpt_path} (step {last_good})" if last_good else "none was written"
+            raise TrainingDiverged(
+                f"the weights became NaN or inf in the update of step {step + 1} (loss {loss_val}, grad norm "
+                f"{float(grad_norm)}, lr {lr_now:.3g}: too high?). Last good checkpoint: {where}"
+            )
         train_time += time.perf_counter() - t0
         tok_s = train_tokens / max(train_time, 1e-9)
         done = step + 1
