@@ -1,6 +1,6 @@
 """End-to-end QLoRA / LoRA training: lora_core vs PEFT (+ bitsandbytes), tokens/s and peak GPU memory.
 
-The logic lives in ``lora_core.bench_e2e``. Run from the repository root:
+The logic lives in ``lora_core.bench.e2e``. Run from the repository root:
 
     python benchmarks/bench_e2e.py                       # default case: hidden 2048, 12 layers, batch 4×1024
     python benchmarks/bench_e2e.py --case 7b             # 7B shape, gradient checkpointing, batch 1×2048
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from lora_core.bench_e2e import main
+from lora_core.bench.e2e import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

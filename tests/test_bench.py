@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_core import bench
+from lora_core.bench import kernels as bench
 
 META = {"device": "fake", "double_quant": True, "copy_gbs": 3000.0, "tflops": 800.0}
 REPO = Path(__file__).resolve().parents[1]

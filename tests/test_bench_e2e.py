@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_core import bench_e2e
+from lora_core.bench import e2e as bench_e2e
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_e2e.py"

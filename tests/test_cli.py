@@ -295,7 +295,7 @@ def test_a_bad_device_is_one_line_exit_2(
 
 
 def test_each_torchrun_process_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_core.finetune import pick_device
+    from lora_core.cli.finetune import pick_device
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     if torch.cuda.device_count() < 2:  # no second GPU here: the choice is still cuda:1, which is refused
@@ -470,13 +470,13 @@ def test_a_full_disk_says_so_in_one_line(
 ) -> None:
     import errno
 
-    import lora_core.finetune
+    import lora_core.cli.finetune
 
     def no_space(path: Path, text: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.delenv("LORA_CORE_DEBUG", raising=False)
-    monkeypatch.setattr(lora_core.finetune, "atomic_write_text", no_space)  # metrics.json: the last write
+    monkeypatch.setattr(lora_core.cli.finetune, "atomic_write_text", no_space)  # metrics.json: the last write
     (tmp_path / "data.txt").write_text(TEXT)
     argv = ["finetune", *FAST, "--data", str(tmp_path / "data.txt"), "--output-dir", str(tmp_path / "out")]
     code, err = _in_process(argv, capsys)

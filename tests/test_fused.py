@@ -454,7 +454,7 @@ def test_qlora_module_fused_equals_reference(dora: bool) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_layer_benchmark_refuses_without_cuda(tmp_path, capsys) -> None:
-    from lora_core import bench_layers
+    from lora_core.bench import layers as bench_layers
 
     assert bench_layers.main(["--out", str(tmp_path / "res")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lora_core.atomic import remove_stale_temporaries
-from lora_core.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
+from lora_core.cli.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
 
 KILLED_WRITERS = """
 import os, sys
@@ -55,7 +55,7 @@ def test_an_old_adapter_left_by_a_crash_mid_swap_is_put_back(tmp_path: Path) -> 
 
 def test_the_folder_lock_has_one_holder_at_a_time(tmp_path: Path) -> None:
     held = hold_folder_lock(tmp_path / "run")
-    code = "import sys; from lora_core.run_folder import hold_folder_lock; hold_folder_lock(sys.argv[1])"
+    code = "import sys; from lora_core.cli.run_folder import hold_folder_lock; hold_folder_lock(sys.argv[1])"
     other = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True
     )

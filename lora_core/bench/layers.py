@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lora_core.atomic import atomic_write
-from lora_core.bench import _shape, _time_us, _versions, write_json
+from lora_core.bench.common import parse_shape, time_us, versions, write_json
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (11008, 4096)]  # (out, in)
 M_VALUES: list[int] = [4096, 16384]
@@ -105,7 +105,7 @@ def measure(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, flo
 
     step()  # warm-up: kernels compiled, caches (DoRA's ‖W₀‖²) filled
     torch.cuda.synchronize()
-    us = _time_us(step)
+    us = time_us(step)
     for p in params:
         p.grad = None
     x.grad = None
@@ -208,7 +208,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bo
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_lora_layer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", type=_shape, nargs="+", default=SHAPES, help="weights out×in")
+    p.add_argument("--shapes", type=parse_shape, nargs="+", default=SHAPES, help="weights out×in")
     p.add_argument("--m", type=int, nargs="+", default=M_VALUES, help="tokens per step")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05])
@@ -226,15 +226,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "frozen" not in args.variants:
         args.variants = ["frozen", *args.variants]  # the denominator of every ratio
     args.out.mkdir(parents=True, exist_ok=True)
-    versions = _versions()
+    meta_versions = versions()
     try:
         import importlib.metadata as md
 
-        versions["peft"] = md.version("peft")
+        meta_versions["peft"] = md.version("peft")
     except Exception:  # absent or broken metadata: just not recorded
-        versions["peft"] = None
-    meta = {"device": torch.cuda.get_device_name(), "versions": versions, "r": args.r, "dtype": "bfloat16",
-            "timer": "triton.testing.do_bench median, L2 flushed", "targets": TARGETS}  # fmt: skip
+        meta_versions["peft"] = None
+    meta = {"device": torch.cuda.get_device_name(), "versions": meta_versions, "r": args.r,
+            "dtype": "bfloat16", "timer": "triton.testing.do_bench median, L2 flushed",
+            "targets": TARGETS}  # fmt: skip
     rows = run(args)
     write_json(args.out / "bench_lora_layer.json", meta, rows)
     plotted = plot(args.out / "bench_lora_layer.png", rows, meta)

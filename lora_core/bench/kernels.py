@@ -17,9 +17,7 @@ Needs CUDA; without it, exits with code 2 and says so.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +25,8 @@ from typing import Any
 
 import torch
 
-from lora_core.atomic import atomic_write, atomic_write_text
+from lora_core.atomic import atomic_write
+from lora_core.bench.common import parse_shape, time_us, versions, write_json
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (8192, 8192), (28672, 8192), (11008, 4096), (4096, 11008)]
 M_VALUES: list[int] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -84,11 +83,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
-    payload = {"meta": meta, "results": list(rows)}
-    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
-
-
 def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bool:
     """Speed-up over cuBLAS against M, one panel per (op, shape); returns False without matplotlib."""
     try:
@@ -127,21 +121,15 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bo
 # ----------------------------------------------------------------------------- the GPU part
 
 
-def _time_us(fn: Callable[[], Any]) -> float:
-    from triton.testing import do_bench
-
-    return 1e3 * float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
 def _device_ceilings() -> tuple[float, float]:
     """Measured copy bandwidth (GB/s, read + written) and bf16 GEMM rate (TFLOP/s) of this device."""
     src = torch.randn(512 * 2**20, device="cuda", dtype=torch.bfloat16)  # 1 GiB
     dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() * 2 / (_time_us(lambda: dst.copy_(src)) * 1e3)
+    copy_gbs = 2 * src.numel() * 2 / (time_us(lambda: dst.copy_(src)) * 1e3)
     src = dst = None  # free the 2 GiB before the GEMM
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    tflops = 2 * 8192**3 / (_time_us(lambda: a @ b) * 1e6)
+    tflops = 2 * 8192**3 / (time_us(lambda: a @ b) * 1e6)
     return copy_gbs, tflops
 
 
@@ -244,7 +232,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for n, k in args.shapes:
 
         def rec(op: str, m: int, impl: str, fn: Callable[[], Any], n: int = n, k: int = k) -> None:
-            us = _time_us(fn)
+            us = time_us(fn)
             records.append({"op": op, "n": n, "k": k, "m": m, "impl": impl, "us": us})
             print(f"  {op:<10} {n}×{k} M={m:<5} {impl:<22} {us:10.1f} µs", file=sys.stderr)
 
@@ -253,32 +241,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def _versions() -> dict[str, str | None]:
-    import importlib.metadata as md
-
-    out: dict[str, str | None] = {"python": platform.python_version(), "cuda": torch.version.cuda}
-    for pkg in ("torch", "triton", "bitsandbytes", "lora-core"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 # ----------------------------------------------------------------------------- command line
-
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        n, k = (int(v) for v in text.lower().replace("×", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a shape is NxK (e.g. 8192x8192), got {text!r}") from None
-    return n, k
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-core bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", type=_shape, nargs="+", default=SHAPES, help="weights N×K (default: all)")
+    p.add_argument("--shapes", type=parse_shape, nargs="+", default=SHAPES, help="weights N×K (default: all)")
     p.add_argument("--m", type=int, nargs="+", default=M_VALUES, help="rows of x to sweep")
     p.add_argument("--ops", nargs="+", default=["dequantize", "matmul", "grad"],
                    choices=["dequantize", "matmul", "grad"])  # fmt: skip
@@ -297,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     copy_gbs, tflops = _device_ceilings()
     meta = {
-        "device": torch.cuda.get_device_name(), "versions": _versions(), "double_quant": args.double_quant,
+        "device": torch.cuda.get_device_name(), "versions": versions(), "double_quant": args.double_quant,
         "copy_gbs": copy_gbs, "tflops": tflops, "timer": "triton.testing.do_bench median, L2 flushed",
         "dtype": "bfloat16", "block_size": 64,
     }  # fmt: skip

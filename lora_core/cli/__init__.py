@@ -1,7 +1,8 @@
 """The ``lora-core`` command line: ``finetune``, ``merge``, ``quantize``, ``bench``.
 
 This module holds the parser, the error handling and the small commands; ``finetune`` (the main job: QLoRA
-on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.finetune``.
+on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.cli.finetune``, what
+the commands share (``CliError``, argument checks, loading a model) in ``lora_core.cli.common``.
 
 ``finetune`` writes into ``--output-dir`` (default ``runs/<timestamp>/``): ``adapter/`` (PEFT layout),
 ``metrics.json``, ``metrics.jsonl``, ``loss_curve.png``, ``checkpoint.pt`` (and ``.lora-core.lock``, held
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,13 +25,7 @@ from typing import Any
 
 from lora_core import __version__
 from lora_core.atomic import atomic_write, atomic_write_dir
-
-TINY = "tiny"
-SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapters record as their base
-
-
-class CliError(Exception):
-    """Bad input to the command line: printed as one line, exit code 2."""
+from lora_core.cli.common import TINY, CliError, check_output_path, load_model, read_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "finetune":
-        from lora_core.finetune import finetune  # it imports this module's helpers
+        from lora_core.cli.finetune import finetune  # lazily: torch and transformers load only when needed
 
         return _run(finetune, args)
     return _run({"merge": merge, "quantize": quantize}[args.command], args)
@@ -177,67 +171,6 @@ def _one_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
-def check_output_path(path: Path, flag: str, *, folder: bool) -> None:
-    """``path`` can be written as a folder (or a file): it is not the other kind, and no parent is a file."""
-    want, other = ("folder", "file") if folder else ("file", "folder")
-    if path.exists() and path.is_dir() != folder:
-        raise CliError(f"{flag} {path} is a {other}; give a {want}")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CliError(f"{flag} {path}: {parent} is a file, not a folder")
-
-
-def check_positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise CliError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-
-
-def load_model(name: str | None, device: Any) -> tuple[Any, Any, str]:
-    """``(model, tokenizer, base_name)`` for ``tiny``, a transformers folder, a .gguf file, or the default."""
-    from lora_core.models import pretrained
-
-    if name == TINY:
-        from lora_core.models.tiny import CharTokenizer, TinyCausalLM
-
-        return TinyCausalLM(seed=0).to(device), CharTokenizer(), TINY
-    if name is None or name == SMOLLM2_HUB_NAME:
-        folder, base = pretrained.smollm2_folder(), SMOLLM2_HUB_NAME
-    else:
-        folder, base = Path(name), str(Path(name).resolve())
-        if not folder.exists():
-            raise CliError(f"model not found: {name} (a transformers folder, a .gguf file, or '{TINY}')")
-        if folder.is_file() and folder.suffix != ".gguf":
-            raise CliError(f"{name} is neither a model folder nor a .gguf file")
-        if folder.is_dir():
-            config = _read_json(folder / "config.json", f"{name} is not a model folder")
-            if config.get("model_type") == "lora_core_tiny":
-                from lora_core.models.tiny import CharTokenizer, load_tiny
-
-                return load_tiny(folder).to(device), CharTokenizer(), base
-    try:
-        model, tokenizer = pretrained.load_hf_causal_lm(folder)
-    except OSError as e:  # transformers: no weights, an unreadable config or tokenizer, a bad GGUF file
-        raise CliError(f"cannot load the model in {folder}: {e}") from None
-    return model.to(device), tokenizer, base
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; a missing or malformed file is bad input (``what`` says whose)."""
-    if not path.is_file():
-        raise CliError(f"{what}: it has no {path.name}")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CliError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise CliError(f"{path} must hold a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 # ---------------------------------------------------------------------------------------- other commands
 
 
@@ -248,7 +181,7 @@ def merge(args: argparse.Namespace) -> int:
     import lora_core as lc
 
     adapter, out = Path(args.adapter), Path(args.out)
-    config = _read_json(adapter / "adapter_config.json", f"{adapter} is not an adapter directory")
+    config = read_json(adapter / "adapter_config.json", f"{adapter} is not an adapter directory")
     if out.exists():
         raise CliError(f"--out {out} already exists; pick a new directory")
     check_output_path(out, "--out", folder=True)
@@ -312,9 +245,9 @@ def quantize(args: argparse.Namespace) -> int:
 
 # `lora-core bench [SUITE] ...`: each suite is a module of the package with its own `main(argv)` parser.
 BENCH_SUITES = {
-    "kernels": "lora_core.bench",  # NF4 dequantize / matmul vs cuBLAS and bitsandbytes
-    "layer": "lora_core.bench_layers",  # fused LoRA / QLoRA / DoRA layer vs the frozen linear and PEFT
-    "e2e": "lora_core.bench_e2e",  # end-to-end QLoRA training vs PEFT + bitsandbytes
+    "kernels": "lora_core.bench.kernels",  # NF4 dequantize / matmul vs cuBLAS and bitsandbytes
+    "layer": "lora_core.bench.layers",  # fused LoRA / QLoRA / DoRA layer vs the frozen linear and PEFT
+    "e2e": "lora_core.bench.e2e",  # end-to-end QLoRA training vs PEFT + bitsandbytes
 }
 
 
