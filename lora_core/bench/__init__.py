@@ -3,4 +3,5 @@
     kernels   the NF4 kernels against cuBLAS bf16, the reference and bitsandbytes   (GPU)
     layers    one adapted layer: fused LoRA / QLoRA / DoRA against the frozen layer and PEFT   (GPU)
     e2e       end-to-end fine-tuning: lora_core against PEFT (+ bitsandbytes), tokens/s and peak memory
+              (e2e_report: its targets, table and plot)
 """
