@@ -28,6 +28,7 @@ from lora_core.model import (
 from lora_core.models.tiny import CharTokenizer, TinyCausalLM, TinyConfig, TinyForSequenceClassification
 from lora_core.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from lora_core.qlora import NF4Linear, QLoRALinear
+from lora_core.sampling import SamplingConfig, generate
 from lora_core.train import TrainConfig, TrainingDiverged, TrainResult, evaluate, train
 
 __all__: list[str] = [
@@ -71,6 +72,9 @@ __all__: list[str] = [
     "TinyCausalLM",
     "TinyConfig",
     "TinyForSequenceClassification",
+    # text generation with the library's sampler (issue 18)
+    "SamplingConfig",
+    "generate",
     # chunked causal-LM loss (issue 10): no (tokens × vocab) fp32 logits
     "causal_lm_hidden_and_head",
     "causal_lm_loss",
