@@ -1,7 +1,8 @@
-"""The ``lora-core`` command line: ``finetune``, ``merge``, ``quantize``, ``bench``.
+"""The ``lora-core`` command line: ``finetune``, ``generate``, ``merge``, ``export``, ``quantize``, ``bench``.
 
 This module holds the parser, the error handling and the small commands; ``finetune`` (the main job: QLoRA
-on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.finetune``.
+on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.finetune``,
+``generate`` and ``export`` (using a fine-tune) in ``lora_core.cli_use``.
 
 ``finetune`` writes into ``--output-dir`` (default ``runs/<timestamp>/``): ``adapter/`` (PEFT layout),
 ``metrics.json``, ``metrics.jsonl``, ``loss_curve.png``, ``checkpoint.pt``. Bad input to any command (a
@@ -91,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument(
         "--model", default=None, help="base model (default: the adapter's base_model_name_or_path)"
     )
+    mg.add_argument(
+        "--onto", choices=("trained", "nf4", "dense"), default="trained",
+        help="merge onto the base the adapter was trained on (default: the dequantized NF4 base for a "
+        "QLoRA adapter), an NF4 base, or the original dense weights",
+    )  # fmt: skip
+
+    from lora_core.cli_use import add_parsers  # `generate` and `export`
+
+    add_parsers(sub)
 
     qz = sub.add_parser("quantize", help="quantize the linear weights of a safetensors file to NF4")
     qz.add_argument("input", help="input .safetensors")
@@ -120,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         from lora_core.finetune import finetune  # it imports this module's helpers
 
         return _run(finetune, args)
+    if args.command in ("generate", "export"):
+        from lora_core import cli_use
+
+        return _run(getattr(cli_use, f"{args.command}_command"), args)
     return _run({"merge": merge, "quantize": quantize}[args.command], args)
 
 
@@ -196,16 +210,15 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def merge(args: argparse.Namespace) -> int:
     import torch
 
-    import lora_core as lc
+    from lora_core.cli_use import load_merged
 
     adapter, out = Path(args.adapter), Path(args.out)
     config = _read_json(adapter / "adapter_config.json", f"{adapter} is not an adapter directory")
     if out.exists():
         raise CliError(f"--out {out} already exists; pick a new directory")
     base = args.model or config.get("base_model_name_or_path") or None
-    model, tokenizer, _ = load_model(base, torch.device("cpu"))
-    model = lc.load_adapter(model, adapter)  # ValueError (exit 2) when it was made for another model
-    plain = lc.unload_lora(model, dequantize=True)
+    # ValueError (exit 2) when it was made for another model; onto the NF4 base it was trained on, by default
+    plain, tokenizer, _ = load_merged(base, str(adapter), args.onto, torch.device("cpu"))
 
     def write_merged(tmp: Path) -> None:
         plain.save_pretrained(tmp)
