@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     ft.add_argument("--sample-tokens", type=int, default=None, help="tokens generated before/after (0: none)")
+    ft.add_argument("--prompt", default=None, help="before/after samples' prompt (default: the data's start)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     ft.add_argument("--output-dir", default=None, help="where results go (default runs/<timestamp>/)")
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --output-dir from its checkpoint"
     )
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from lora_core.cli_use import add_sampling_flags  # how the before/after samples are drawn
+
+    add_sampling_flags(ft, tokens_and_seed=False)
 
     mg = sub.add_parser("merge", help="merge an adapter into its base model and save a plain model")
     mg.add_argument("adapter", help="adapter directory (PEFT layout)")

@@ -11,6 +11,7 @@ Every check of the user's input (files, sizes, the model's context) runs before 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -70,20 +71,35 @@ def _context_length(model: Any) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _sample(model: Any, tokenizer: Any, prompt: str, n: int, device: Any) -> str:
-    """``prompt`` and ``n`` greedily generated tokens (eval mode, no autograd)."""
-    import torch
+def _sample(model: Any, tokenizer: Any, prompt: str, cfg: Any, chat: bool) -> str:
+    """``prompt`` and a *sampled* continuation (``lc.generate``). Before and after training it uses the same
+    settings and seed, so the two samples differ by what the adapter learned, not by luck; greedy decoding
+    of a small model loops (``'... is not the question.\\n\\n[LEM.\\n\\n[LEM'``), sampling reads like text."""
+    from lora_core.sampling import generate
 
-    if n <= 0:
+    if cfg.max_new_tokens <= 0:
         return ""
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=device)
-    was_training = model.training
-    model.eval()
-    kwargs = {"pad_token_id": tokenizer.eos_token_id} if hasattr(tokenizer, "pad_token") else {}
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, **kwargs)
-    model.train(was_training)
-    return prompt + tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return prompt + generate(model, tokenizer, prompt, cfg, chat=chat)
+
+
+def _sample_prompt(args: argparse.Namespace, train_files: list[Any]) -> tuple[str, bool]:
+    """The before/after samples' prompt, and whether it goes through the chat template: ``--prompt``; else,
+    for one's own data, its start (the first user message of chat data, the first prompt, or the first
+    words of the text); else Hamlet's line. Chat data is always sampled through the chat template."""
+    from lora_core.data import read_examples
+
+    if args.data is None:
+        return (SAMPLE_PROMPT if args.prompt is None else args.prompt), False
+    first = next(iter(read_examples(train_files[0])), None)  # ValueError (exit 2) for a malformed file
+    chat = first is not None and first.messages is not None
+    if args.prompt is not None or first is None:
+        return args.prompt or "", chat
+    if first.messages is not None:
+        return next(m["content"] for m in first.messages if m["role"] != "assistant"), True
+    if first.prompt:
+        return first.prompt, False
+    line = next((x for x in first.text.splitlines() if x.strip()), "")
+    return " ".join(line.split()[:6]), False
 
 
 def _peak_memory_mb(device: Any) -> float:
@@ -126,6 +142,9 @@ def finetune(args: argparse.Namespace) -> int:
     if args.model not in (None, TINY, SMOLLM2_HUB_NAME) and not Path(args.model).exists():
         raise CliError(f"--model: not found: {args.model} (a transformers folder, a .gguf file, or '{TINY}')")
 
+    from lora_core.cli_use import sampling_config
+
+    sample_cfg = sampling_config(args, max(0, sample_tokens))  # seeded with --seed: before/after comparable
     if args.quantize == "nf4" and importlib.util.find_spec("lora_core.qlora") is None:
         raise CliError("--quantize nf4 needs lora_core.qlora, which this install lacks; use --quantize none")
     # Data paths first (cheap checks), then the model, then tokenize: all before anything is written.
@@ -137,6 +156,7 @@ def finetune(args: argparse.Namespace) -> int:
         eval_files = [p for p in plays if p.name == EVAL_PLAY] if args.eval_data is None else [args.eval_data]
     else:
         train_files, eval_files = [args.data], ([args.eval_data] if args.eval_data else None)
+    prompt, chat = _sample_prompt(args, train_files)
     model, tokenizer, base_name = load_model(args.model, device)
     context = _context_length(model)
     if context is not None and seq_len > context:
@@ -183,14 +203,14 @@ def finetune(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     eval_before = lc.evaluate(model, eval_set, train_cfg)
-    sample_before = _sample(model, tokenizer, SAMPLE_PROMPT, sample_tokens, device)
+    sample_before = _sample(model, tokenizer, prompt, sample_cfg, chat)
     print(
         f"held-out loss before: {eval_before:.4f} (perplexity {math.exp(eval_before):.2f})", file=sys.stderr
     )
     print(f"sample before: {sample_before!r}", file=sys.stderr)
     result = lc.train(model, train_set, eval_set, train_cfg)
     eval_after = result.eval_loss if result.eval_loss is not None else lc.evaluate(model, eval_set, train_cfg)
-    sample_after = _sample(model, tokenizer, SAMPLE_PROMPT, sample_tokens, device)
+    sample_after = _sample(model, tokenizer, prompt, sample_cfg, chat)
     print(f"held-out loss after:  {eval_after:.4f} (perplexity {math.exp(eval_after):.2f})", file=sys.stderr)
     print(f"sample after: {sample_after!r}", file=sys.stderr)
 
@@ -227,6 +247,8 @@ def finetune(args: argparse.Namespace) -> int:
             if device.type == "cuda"
             else f"cpu ({os.cpu_count()} cores)",
             "wall_s": time.perf_counter() - started,
+            "sample_prompt": prompt,
+            "sampling": dataclasses.asdict(sample_cfg),
             "sample_before": sample_before,
             "sample_after": sample_after,
         }

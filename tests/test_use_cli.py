@@ -51,7 +51,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = cli(
         "finetune", "--model", str(root / "llama"), "--data", str(root / "data.txt"), "--output-dir",
         str(root / "run"), "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2",
-        "--sample-tokens", "4", "--no-progress",
+        "--sample-tokens", "4", "--no-progress", "--prompt", "To be", "--temperature", "0.8",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return root
@@ -82,6 +82,35 @@ def test_finetune_records_the_nf4_base_and_peft_still_reads_the_config(trained: 
     with pytest.warns(UserWarning, match="lora_core_quantization"):  # ignored, with a warning, not refused
         pc = peft.LoraConfig.from_pretrained(str(trained / "run" / "adapter"))
     assert (pc.r, pc.lora_alpha) == (config["r"], config["lora_alpha"])
+
+
+def test_finetune_samples_are_drawn_with_the_given_prompt_settings_and_seed(trained: Path) -> None:
+    metrics = json.loads((trained / "run" / "metrics.json").read_text())
+    assert metrics["sample_prompt"] == "To be" and metrics["sample_before"].startswith("To be")
+    assert metrics["sampling"] == {"max_new_tokens": 4, "temperature": 0.8, "top_k": 50, "top_p": 0.9,
+                                   "repetition_penalty": 1.1, "stop": [], "seed": 0}  # fmt: skip
+
+
+def test_finetune_on_chat_data_learns_the_replies_and_plots_held_out_points(
+    trained: Path, tmp_path: Path
+) -> None:
+    turns = [
+        {"role": "user", "content": "How many bottles?"},
+        {"role": "assistant", "content": "Ten, green."},
+    ]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": turns}) + "\n" for _ in range(80)))
+    out = tmp_path / "run"
+    result = cli(
+        "finetune", "--model", str(trained / "llama"), "--data", str(tmp_path / "chat.jsonl"), "--quantize",
+        "none", "--steps", "4", "--eval-every", "2", "--seq-len", "32", "--batch-size", "2",
+        "--sample-tokens", "6", "--top-k", "20", "--no-progress", "--output-dir", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sample_prompt"] == "How many bottles?"  # the data's first user message, via the template
+    assert metrics["sampling"]["top_k"] == 20 and metrics["sampling"]["seed"] == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]  # --eval-every 2: points on the plot
 
 
 def test_generate_streams_what_the_library_generates(trained: Path) -> None:
@@ -199,3 +228,15 @@ def test_bad_export_input_is_one_line_exit_2_and_nothing_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == (["m.gguf"] if case == "exists" else [])
     if case == "exists":
         assert out.read_text() == "mine"
+
+
+def test_bad_finetune_sampling_flags_are_one_line_exit_2_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LORA_CORE_DEBUG", raising=False)
+    (tmp_path / "data.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    argv = ["finetune", "--model", "tiny", "--data", str(tmp_path / "data.txt"), "--output-dir", str(out)]
+    code, _, err = in_process([*argv, "--top-p", "1.01"], capsys)
+    assert code == 2 and err == "lora-core: error: --top-p must be in (0, 1], got 1.01\n"
+    assert not out.exists()
