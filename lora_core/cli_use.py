@@ -104,7 +104,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, tokens_and_seed: bool
         default=d.repetition_penalty,
         help=f"CTRL's penalty on seen tokens, 1: none (default {d.repetition_penalty})",
     )
-    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    parser.add_argument(
+        "--stop", action="append", default=[], help="stop at this string (repeatable; \\n is a newline)"
+    )
 
 
 def sampling_config(args: argparse.Namespace, max_new_tokens: int) -> Any:
@@ -118,7 +120,8 @@ def sampling_config(args: argparse.Namespace, max_new_tokens: int) -> Any:
             top_k=args.top_k,
             top_p=args.top_p,
             repetition_penalty=args.repetition_penalty,
-            stop=tuple(args.stop),
+            # A shell passes "\n" as two characters; a stop at a blank line is the common case.
+            stop=tuple(x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop),
             seed=args.seed,
         )
     except SamplingError as e:

@@ -240,3 +240,11 @@ def test_bad_finetune_sampling_flags_are_one_line_exit_2_and_nothing_written(
     code, _, err = in_process([*argv, "--top-p", "1.01"], capsys)
     assert code == 2 and err == "lora-core: error: --top-p must be in (0, 1], got 1.01\n"
     assert not out.exists()
+
+
+def test_stop_flag_understands_a_typed_newline() -> None:
+    from lora_core.cli import build_parser
+    from lora_core.cli_use import sampling_config
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--stop", "\\n\\n", "--stop", "END"])
+    assert sampling_config(args, 5).stop == ("\n\n", "END")
