@@ -9,6 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from lora_core.dispatch import fused_mode
+from lora_core.inference.sampling import SamplingConfig, generate
 from lora_core.lora.adapters import load_adapter, save_adapter
 from lora_core.lora.config import LoraConfig
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
@@ -78,6 +79,9 @@ __all__: list[str] = [
     "TinyCausalLM",
     "TinyConfig",
     "TinyForSequenceClassification",
+    # text generation with the library's sampler (issue 18)
+    "SamplingConfig",
+    "generate",
     # chunked causal-LM loss (issue 10): no (tokens × vocab) fp32 logits
     "causal_lm_hidden_and_head",
     "causal_lm_loss",

@@ -18,6 +18,7 @@ LAYERS = {
     "lora_core.lora": 4,
     "lora_core.models": 5,
     "lora_core.training": 5,
+    "lora_core.inference": 5,
     "lora_core": 6,  # the package's __init__: the public API, gathered from the layers below
     "lora_core.bench": 7,
     "lora_core.cli": 8,

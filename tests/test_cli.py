@@ -295,7 +295,7 @@ def test_a_bad_device_is_one_line_exit_2(
 
 
 def test_each_torchrun_process_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_core.cli.finetune import pick_device
+    from lora_core.cli.common import pick_device
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     if torch.cuda.device_count() < 2:  # no second GPU here: the choice is still cuda:1, which is refused

@@ -150,3 +150,13 @@ NAN, INF = float("nan"), float("inf")
 def test_numeric_and_flag_fields_refuse_nan_inf_strings_and_bools(kwargs, error, message):
     with pytest.raises(error, match=message):
         LoraConfig(target_modules=["q"], **kwargs)
+def test_an_nf4_base_is_recorded_and_read_back_but_the_caller_decides():
+    cfg = LoraConfig(r=4, target_modules=["q"], quantize="nf4", quant_block_size=128, double_quant=False)
+    data = json.loads(json.dumps(cfg.to_peft_dict()))
+    record = {"quantize": "nf4", "quant_block_size": 128, "double_quant": False}
+    assert data["lora_core_quantization"] == record
+    assert LoraConfig.from_peft_dict(data) == cfg  # what the adapter was trained on
+    assert LoraConfig.from_peft_dict(data, quantize="none").quantize == "none"  # load_adapter's choice wins
+    assert "lora_core_quantization" not in LoraConfig(target_modules=["q"]).to_peft_dict()  # dense: none
+    with pytest.raises(ValueError, match="is not a quantization record"):
+        LoraConfig.from_peft_dict({**data, "lora_core_quantization": {"bits": 3}})

@@ -1,8 +1,9 @@
-"""The ``lora-core`` command line: ``finetune``, ``merge``, ``quantize``, ``bench``.
+"""The ``lora-core`` command line: ``finetune``, ``generate``, ``merge``, ``export``, ``quantize``, ``bench``.
 
 This module holds the parser, the error handling and the small commands; ``finetune`` (the main job: QLoRA
-on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.cli.finetune``, what
-the commands share (``CliError``, argument checks, loading a model) in ``lora_core.cli.common``.
+on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.cli.finetune``,
+``generate`` / ``export`` (using a fine-tune) in ``lora_core.cli.use``, and what the commands share
+(``CliError``, argument checks, loading a model, picking the device) in ``lora_core.cli.common``.
 
 ``finetune`` writes into ``--output-dir`` (default ``runs/<timestamp>/``): ``adapter/`` (PEFT layout),
 ``metrics.json``, ``metrics.jsonl``, ``loss_curve.png``, ``checkpoint.pt`` (and ``.lora-core.lock``, held
@@ -25,7 +26,7 @@ from typing import Any
 
 from lora_core import __version__
 from lora_core.atomic import atomic_write, atomic_write_dir
-from lora_core.cli.common import TINY, CliError, check_output_path, load_model, read_json
+from lora_core.cli.common import TINY, CliError, check_output_path, read_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--sample-tokens", type=int, default=None, help="tokens generated before/after (>= 0; 0: none)"
     )
+    ft.add_argument("--sample-tokens", type=int, default=None, help="tokens generated before/after (0: none)")
+    ft.add_argument("--prompt", default=None, help="before/after samples' prompt (default: the data's start)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     ft.add_argument("--output-dir", default=None, help="where results go (default runs/<timestamp>/)")
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --output-dir from its checkpoint (the same settings and data)",
     )
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from lora_core.cli.use import add_sampling_flags  # how the before/after samples are drawn
+
+    add_sampling_flags(ft, tokens_and_seed=False)
 
     mg = sub.add_parser("merge", help="merge an adapter into its base model and save a plain model")
     mg.add_argument("adapter", help="adapter directory (PEFT layout)")
@@ -101,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument(
         "--model", default=None, help="base model (default: the adapter's base_model_name_or_path)"
     )
+    mg.add_argument(
+        "--onto", choices=("trained", "nf4", "dense"), default="trained",
+        help="merge onto the base the adapter was trained on (default: the dequantized NF4 base for a "
+        "QLoRA adapter), an NF4 base, or the original dense weights",
+    )  # fmt: skip
+
+    from lora_core.cli.use import add_parsers  # `generate` and `export`
+
+    add_parsers(sub)
 
     qz = sub.add_parser("quantize", help="quantize the linear weights of a safetensors file to NF4")
     qz.add_argument("input", help="input .safetensors")
@@ -130,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         from lora_core.cli.finetune import finetune  # lazily: torch and transformers load only when needed
 
         return _run(finetune, args)
+    if args.command in ("generate", "export"):
+        from lora_core.cli import use as cli_use
+
+        return _run(getattr(cli_use, f"{args.command}_command"), args)
     return _run({"merge": merge, "quantize": quantize}[args.command], args)
 
 
@@ -176,9 +195,8 @@ def _one_line(e: BaseException) -> str:
 
 def merge(args: argparse.Namespace) -> int:
     import torch
-    from safetensors import SafetensorError
 
-    import lora_core as lc
+    from lora_core.cli.use import load_merged
 
     adapter, out = Path(args.adapter), Path(args.out)
     config = read_json(adapter / "adapter_config.json", f"{adapter} is not an adapter directory")
@@ -186,12 +204,8 @@ def merge(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out} already exists; pick a new directory")
     check_output_path(out, "--out", folder=True)
     base = args.model or config.get("base_model_name_or_path") or None
-    model, tokenizer, _ = load_model(base, torch.device("cpu"))
-    try:
-        model = lc.load_adapter(model, adapter)  # ValueError (exit 2) when it was made for another model
-    except SafetensorError as e:
-        raise CliError(f"{adapter}: the adapter's weights are not a valid safetensors file ({e})") from None
-    plain = lc.unload_lora(model, dequantize=True)
+    # ValueError (exit 2) when it was made for another model; onto the NF4 base it was trained on, by default
+    plain, tokenizer, _ = load_merged(base, str(adapter), args.onto, torch.device("cpu"))
 
     def write_merged(tmp: Path) -> None:
         plain.save_pretrained(tmp)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,23 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CliError(f"{path} must hold a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def pick_device(requested: str | None) -> Any:
+    """``--device``, else the GPU of this process (``LOCAL_RANK`` under torchrun: one GPU each), else CPU."""
+    import torch
+
+    if requested is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise CliError(f"--device {requested!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise CliError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found)")
+        torch.cuda.set_device(device)  # NCCL and bare .cuda() calls use the current device
+    return device

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,6 +35,7 @@ from lora_core.cli.common import (
     check_output_path,
     check_positive,
     load_model,
+    pick_device,
 )
 from lora_core.cli.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
 from lora_core.training.state import CHECKPOINT_NAME, check_checkpoint_settings
@@ -63,44 +65,39 @@ GPU_DEFAULTS = {
 }
 
 
-def pick_device(requested: str | None) -> Any:
-    """``--device``, else the GPU of this process (``LOCAL_RANK`` under torchrun: one GPU each), else CPU."""
-    import torch
-
-    if requested is None:
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            raise CliError(f"--device {requested!r} is not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
-            raise CliError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found)")
-        torch.cuda.set_device(device)  # NCCL and bare .cuda() calls use the current device
-    return device
-
-
 def _context_length(model: Any) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _sample(model: Any, tokenizer: Any, prompt: str, n: int, device: Any) -> str:
-    """``prompt`` and ``n`` greedily generated tokens (eval mode, no autograd)."""
-    import torch
+def _sample(model: Any, tokenizer: Any, prompt: str, cfg: Any, chat: bool) -> str:
+    """``prompt`` and a *sampled* continuation (``lc.generate``). Before and after training it uses the same
+    settings and seed, so the two samples differ by what the adapter learned, not by luck; greedy decoding
+    of a small model loops (``'... is not the question.\\n\\n[LEM.\\n\\n[LEM'``), sampling reads like text."""
+    from lora_core.inference.sampling import generate
 
-    if n <= 0:
+    if cfg.max_new_tokens <= 0:
         return ""
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=device)
-    was_training = model.training
-    model.eval()
-    kwargs = {"pad_token_id": tokenizer.eos_token_id} if hasattr(tokenizer, "pad_token") else {}
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, **kwargs)
-    model.train(was_training)
-    return prompt + tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return prompt + generate(model, tokenizer, prompt, cfg, chat=chat)
+
+
+def _sample_prompt(args: argparse.Namespace, train_files: list[Any]) -> tuple[str, bool]:
+    """The before/after samples' prompt, and whether it goes through the chat template: ``--prompt``; else,
+    for one's own data, its start (the first user message of chat data, the first prompt, or the first
+    words of the text); else Hamlet's line. Chat data is always sampled through the chat template."""
+    from lora_core.training.data import read_examples
+
+    if args.data is None:
+        return (SAMPLE_PROMPT if args.prompt is None else args.prompt), False
+    first = next(iter(read_examples(train_files[0])), None)  # ValueError (exit 2) for a malformed file
+    chat = first is not None and first.messages is not None
+    if args.prompt is not None or first is None:
+        return args.prompt or "", chat
+    if first.messages is not None:
+        return next(m["content"] for m in first.messages if m["role"] != "assistant"), True
+    if first.prompt:
+        return first.prompt, False
+    line = next((x for x in first.text.splitlines() if x.strip()), "")
+    return " ".join(line.split()[:6]), False
 
 
 def _peak_memory_mb(device: Any) -> float:
@@ -144,6 +141,9 @@ def finetune(args: argparse.Namespace) -> int:
     if args.model not in (None, TINY, SMOLLM2_HUB_NAME) and not Path(args.model).exists():
         raise CliError(f"--model: not found: {args.model} (a transformers folder, a .gguf file, or '{TINY}')")
 
+    from lora_core.cli.use import sampling_config
+
+    sample_cfg = sampling_config(args, max(0, sample_tokens))  # seeded with --seed: before/after comparable
     # Data paths first (cheap checks), then the model, then tokenize: all before anything is written.
     if args.data is None:
         plays = [
@@ -153,6 +153,7 @@ def finetune(args: argparse.Namespace) -> int:
         eval_files = [p for p in plays if p.name == EVAL_PLAY] if args.eval_data is None else [args.eval_data]
     else:
         train_files, eval_files = [args.data], ([args.eval_data] if args.eval_data else None)
+    prompt, chat = _sample_prompt(args, train_files)
     model, tokenizer, base_name = load_model(args.model, device)
     context = _context_length(model)
     if context is not None and seq_len > context:
@@ -213,7 +214,8 @@ def finetune(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun rank 0 writes, and holds the folder for all
     with _claim_run_folder(out_dir, args.resume) if rank == 0 else contextlib.nullcontext():
         run = {"base_name": base_name, "train_files": train_files, "steps": steps, "batch_size": batch_size,
-               "seq_len": seq_len, "total_params": total_params, "sample_tokens": sample_tokens}  # fmt: skip
+               "seq_len": seq_len, "total_params": total_params, "prompt": prompt, "chat": chat,
+               "sampling": sample_cfg}  # fmt: skip
         return _train_and_save(model, tokenizer, train_set, eval_set, train_cfg, out_dir, device, args, run)
 
 
@@ -260,19 +262,18 @@ def _train_and_save(model: Any, tokenizer: Any, train_set: Any, eval_set: Any, t
     from lora_core.training.loop import plot_loss_curve
 
     base_name, train_files, steps = run["base_name"], run["train_files"], run["steps"]
-    batch_size, seq_len, total_params, sample_tokens = (
-        run["batch_size"], run["seq_len"], run["total_params"], run["sample_tokens"]
-    )  # fmt: skip
+    batch_size, seq_len, total_params = run["batch_size"], run["seq_len"], run["total_params"]
+    prompt, chat, sample_cfg = run["prompt"], run["chat"], run["sampling"]
     started = time.perf_counter()
     eval_before = lc.evaluate(model, eval_set, train_cfg)
-    sample_before = _sample(model, tokenizer, SAMPLE_PROMPT, sample_tokens, device)
+    sample_before = _sample(model, tokenizer, prompt, sample_cfg, chat)
     print(
         f"held-out loss before: {eval_before:.4f} (perplexity {math.exp(eval_before):.2f})", file=sys.stderr
     )
     print(f"sample before: {sample_before!r}", file=sys.stderr)
     result = lc.train(model, train_set, eval_set, train_cfg)
     eval_after = result.eval_loss if result.eval_loss is not None else lc.evaluate(model, eval_set, train_cfg)
-    sample_after = _sample(model, tokenizer, SAMPLE_PROMPT, sample_tokens, device)
+    sample_after = _sample(model, tokenizer, prompt, sample_cfg, chat)
     print(f"held-out loss after:  {eval_after:.4f} (perplexity {math.exp(eval_after):.2f})", file=sys.stderr)
     print(f"sample after: {sample_after!r}", file=sys.stderr)
 
@@ -310,6 +311,8 @@ def _train_and_save(model: Any, tokenizer: Any, train_set: Any, eval_set: Any, t
             if device.type == "cuda"
             else f"cpu ({os.cpu_count()} cores)",
             "wall_s": time.perf_counter() - started,
+            "sample_prompt": prompt,
+            "sampling": dataclasses.asdict(sample_cfg),
             "sample_before": sample_before,
             "sample_after": sample_after,
         }

@@ -11,8 +11,10 @@ A config answers three questions:
   ``"pissa"``: Meng et al. 2024), ``quantize="nf4"`` (QLoRA, Dettmers et al. 2023).
 
 ``to_peft_dict`` / ``from_peft_dict`` translate to and from ``adapter_config.json`` as PEFT writes it
-(``lora_alpha``, ``lora_dropout``, ``init_lora_weights``); the quantization fields are not part of an
-adapter (they describe how the base is stored) and are not written.
+(``lora_alpha``, ``lora_dropout``, ``init_lora_weights``). The quantization fields describe how the base
+was stored while the adapter trained: an NF4-trained adapter records them under ``lora_core_quantization``
+(PEFT ignores keys it does not know, with a warning), so ``lora-core merge`` can merge onto the same
+dequantized NF4 base it was trained against. Loading an adapter still stores the base as the caller says.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ _PEFT_BOOKKEEPING = {
     "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "runtime_config",
     "qalora_group_size", "layers_pattern", "lora_ga_config", "arrow_config", "ensure_weight_tying",
 }  # fmt: skip
+# Our own key in adapter_config.json: how the base was quantized during training (absent for a dense base).
+QUANT_KEY = "lora_core_quantization"
+_QUANT_FIELDS = {"quantize", "quant_block_size", "double_quant"}
 # PEFT features we do not implement: loading an adapter that uses one must fail, not compute the wrong thing.
 _PEFT_UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "target_parameters",
                      "trainable_token_indices", "alora_invocation_tokens")  # fmt: skip
@@ -199,7 +204,11 @@ class LoraConfig:
 
     # ----------------------------------------------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
-        """The ``adapter_config.json`` content, in PEFT's field names."""
+        """The ``adapter_config.json`` content, in PEFT's field names (plus ``QUANT_KEY`` for an NF4 base)."""
+        quant = {} if self.quantize == "none" else {
+            QUANT_KEY: {"quantize": self.quantize, "quant_block_size": self.quant_block_size,
+                        "double_quant": self.double_quant}
+        }  # fmt: skip
         return {
             "peft_type": "LORA",
             "task_type": self.task_type,
@@ -220,6 +229,7 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "inference_mode": True,
+            **quant,
         }
 
     @classmethod
@@ -245,7 +255,10 @@ class LoraConfig:
         renames = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
         own = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
-        for key, value in data.items():
+        recorded = data.get(QUANT_KEY) or {}
+        if not isinstance(recorded, dict) or not set(recorded) <= _QUANT_FIELDS:
+            raise ValueError(f"adapter_config.json: {QUANT_KEY}={recorded!r} is not a quantization record")
+        for key, value in {k: v for k, v in data.items() if k != QUANT_KEY}.items():
             name = renames.get(key, key)
             if name in own:
                 kwargs[name] = value
@@ -260,6 +273,7 @@ class LoraConfig:
             if len(lp) != 1:
                 raise ValueError(f"adapter_config.json: layers_pattern={lp!r}: only one pattern is supported")
             kwargs["layers_pattern"] = lp[0]
+        kwargs.update(recorded)  # what the adapter was trained on, unless the caller says otherwise
         kwargs.update(overrides)
         return cls(**kwargs)
 

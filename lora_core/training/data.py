@@ -14,7 +14,10 @@ logits predict ``labels[t + 1]``, the same convention as transformers.
 Accepted files:
 
 - ``*.txt`` (or any non-JSONL file): the whole file is one document.
-- ``*.jsonl``: one JSON object per line, either ``{"text": ...}`` or ``{"prompt": ..., "response": ...}``.
+- ``*.jsonl``: one JSON object per line: ``{"text": ...}``, ``{"prompt": ..., "response": ...}``, or a chat
+  ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered with the tokenizer's chat template and
+  learned on the assistant's turns only (``lora_core.training.chat``; no ``<eos>`` is appended: the
+  template ends each turn itself).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class Example:
-    """One document: ``prompt`` (no loss, may be empty) followed by ``text`` (loss)."""
+    """One document: ``prompt`` (no loss, may be empty) followed by ``text`` (loss); or a conversation
+    (``messages``, with ``text`` empty)."""
 
     text: str
     prompt: str = ""
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 def read_examples(path: str | Path) -> list[Example]:
@@ -52,7 +57,7 @@ def read_examples(path: str | Path) -> list[Example]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a JSONL line is not an object with ``text`` or ``prompt``/``response`` strings.
+        ValueError: a JSONL line is not an object with ``text``, ``prompt``/``response`` or ``messages``.
     """
     path = Path(path)
     if not path.is_file():
@@ -79,8 +84,12 @@ def _example_from_record(record: Any, where: str) -> Example:
         return Example(text=record["text"])
     if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
         return Example(text=record["response"], prompt=record["prompt"])
+    if "messages" in record:
+        from lora_core.training.chat import check_messages
+
+        return Example(text="", messages=check_messages(record["messages"], where))
     raise ValueError(
-        f"{where}: a record needs a string 'text', or string 'prompt' and 'response'; "
+        f"{where}: a record needs a string 'text', string 'prompt' and 'response', or 'messages'; "
         f"got keys {sorted(record)}"
     )
 
@@ -94,6 +103,13 @@ def tokenize(examples: Iterable[Example], tokenizer: Tokenizer) -> tuple[list[in
     ids: list[int] = []
     mask: list[bool] = []
     for ex in examples:
+        if ex.messages is not None:  # a conversation: the chat template marks its own turns' ends
+            from lora_core.training.chat import chat_tokens
+
+            chat_ids, chat_mask = chat_tokens(ex.messages, tokenizer)
+            ids += chat_ids
+            mask += chat_mask
+            continue
         if ex.prompt:
             p = tokenizer.encode(ex.prompt, add_special_tokens=False)
             ids += p
