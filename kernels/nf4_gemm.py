@@ -261,15 +261,18 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: any small number; only the split heuristic reads it
 
 
-def _config(m: int, n_out: int, reduce: int, device: torch.device, grad: bool) -> dict[str, int]:
+def _config(m: int, n_out: int, reduce: int, device: torch.device, grad: bool,
+            word_scales: bool = False) -> dict[str, int]:  # fmt: skip
     """Tile sizes and split for an (m × reduce) @ (reduce × n_out) product. First guesses, see module doc.
 
     BLOCK_K = 128: a tile row is 16 contiguous packed words (64 bytes: two full 32-byte sectors per row,
     16-byte loads per thread). BLOCK_N = 64 rows: 4 KiB of packed W per iteration, 8192 fp32 values = 64
     registers a thread at 4 warps. BLOCK_M: the smallest tl.dot tile in ``BLOCK_MS`` that covers m.
+    ``word_scales`` (one scale per word: ragged K, blocks of 16/32): BLOCK_K = 64, since with 128 the
+    per-word scales push the forward kernel with double quantization to 255 registers and spills on sm_90.
     """
     block_m = next(b for b in BLOCK_MS if m <= b) if m <= BLOCK_MS[-1] else BLOCK_MS[-1]
-    cfg = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128}
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64 if word_scales else 128}
     # forward: the output tile is BLOCK_N wide and K is reduced BLOCK_K at a time; grad: the reverse
     tile_out, step = (cfg["BLOCK_K"], cfg["BLOCK_N"]) if grad else (cfg["BLOCK_N"], cfg["BLOCK_K"])
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n_out, tile_out)
@@ -327,7 +330,7 @@ def _launch_fused(a: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None, grad
     n, k = q.shape
     m = a.shape[0]
     n_out, reduce = (k, n) if grad else (n, k)
-    cfg = dict(cfg or _config(m, n_out, reduce, a.device, grad))
+    cfg = dict(cfg or _config(m, n_out, reduce, a.device, grad, scale_group(k, 128, q.block_size) == 8))
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT"]
     step = bn if grad else bk
     per_split = triton.cdiv(triton.cdiv(reduce, step), split) * step
