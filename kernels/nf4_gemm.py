@@ -59,7 +59,6 @@ from lora_core.kernels.nf4_dequant import (
     check_nf4,
     log2,
     nf4_dequantize,
-    nibble_shifts,
     packed_words,
     scale_args,
 )
@@ -107,11 +106,32 @@ def _w_tile_words(
 
 
 @triton.jit
+def _code_times(word, shift, scale, code_ptr):
+    """code[word >> shift & 15] * scale, elementwise: one nibble of every word, in the words' layout."""
+    return tl.load(code_ptr + ((word >> shift) & 15)) * scale
+
+
+@triton.jit
 def _w_tile_decode(word, scale, code_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BN, G, WG) words and (BN, G) scales -> the float32 tile (BN, BLOCK_K): code[nibble] * scale."""
-    nibble = (word[:, :, :, None] >> nibble_shifts()[None, None, None, :]) & 15  # (BN, G, WG, 8)
-    w = tl.load(code_ptr + nibble) * scale[:, :, None, None]
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+    """(BN, G, WG) words and (BN, G) scales -> the float32 tile (BN, BLOCK_K): code[nibble] * scale.
+
+    Element e of a word (byte e // 2, high nibble first) is decoded in the words' own register layout and
+    the 8 results are interleaved into place (tl.interleave keeps values in their thread: no shuffle
+    through shared memory). interleave(x, y) alternates x and y along the last axis, so the even
+    elements (0, 2, 4, 6) and the odd ones are each interleaved the same way first.
+    """
+    s = scale[:, :, None]  # (BN, G, 1)
+    v0 = _code_times(word, 4, s, code_ptr)  # (BN, G, WG)
+    v1 = _code_times(word, 0, s, code_ptr)
+    v2 = _code_times(word, 12, s, code_ptr)
+    v3 = _code_times(word, 8, s, code_ptr)
+    v4 = _code_times(word, 20, s, code_ptr)
+    v5 = _code_times(word, 16, s, code_ptr)
+    v6 = _code_times(word, 28, s, code_ptr)
+    v7 = _code_times(word, 24, s, code_ptr)
+    even = tl.interleave(tl.interleave(v0, v4), tl.interleave(v2, v6))  # (BN, G, 4 WG): 0 2 4 6 per word
+    odd = tl.interleave(tl.interleave(v1, v5), tl.interleave(v3, v7))  # 1 3 5 7
+    return tl.reshape(tl.interleave(even, odd), (BLOCK_N, BLOCK_K))  # (BN, G, GROUP) -> (BN, BK)
 
 
 # Sizes and strides are not specialised (no ==1 constants, no divisibility hints): one compiled kernel
