@@ -321,6 +321,7 @@ def compile_kernel(launch: Launch, arch: int, want_sass: bool = False) -> Result
     start = time.perf_counter()
     log = io.StringIO()
     knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
     try:
         with contextlib.redirect_stdout(log):
             src = ASTSource(fn, signature, constexprs, attrs)
