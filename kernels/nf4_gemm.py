@@ -14,7 +14,7 @@ bound by reading ``W``. Reading it packed (0.52 byte/param with double quantizat
         next = packed.view(int32)[tile k0 + BLOCK_K]                     # loads in flight during the math
         a   = x[offs_m, k0:k0+BLOCK_K]                                   # (BLOCK_M, BLOCK_K)
         w   = (code[words >> shift & 15] * absmax).to(x.dtype)           # (BLOCK_N, BLOCK_K)
-        acc += a @ wᵀ                                                    # tensor cores, fp32 acc
+        accᵀ += w @ aᵀ                                                   # tensor cores, fp32 acc
         words = next
     SPLIT_K == 1: out = (acc + bias).to(x.dtype)
     SPLIT_K  > 1: ws[s] = acc; a second tiny kernel sums the SPLIT_K partials, adds bias, casts.
@@ -22,10 +22,14 @@ bound by reading ``W``. Reading it packed (0.52 byte/param with double quantizat
   With M ≤ 16 the tensor-core tile is mostly padding (BLOCK_M = 16 is tl.dot's minimum) but costs little:
   the multiply-adds are ~1% of the time the bytes take; what costs is the dequantization arithmetic. A
   tile row is read as 32-bit words (8 codes each); each nibble is a shift and a mask, and its value one
-  load from the 16-entry code table (64 bytes: one L1 wavefront per warp). Each scale is loaded once per
-  ``GROUP`` (64) elements, or once per word when K is ragged (``scale_group``). The kernel prefetches the
-  next tile's words into registers itself (``num_stages=1``): Triton's pipeliner would otherwise turn the
-  data-dependent code-table loads into per-element asynchronous copies through shared memory.
+  load from the 16-entry code table (64 bytes: one L1 wavefront per warp). Each of a word's 8 nibbles is
+  decoded in the words' register layout and ``tl.interleave`` puts them in order without moving them
+  between threads; the forward kernel computes ``accᵀ = W @ xᵀ`` so the decoded tile is the tensor cores'
+  A operand (with ``x @ Wᵀ`` it was the transposed B operand and went through a shared-memory shuffle).
+  Each scale is loaded once per ``GROUP`` (64) elements, or once per word when K is ragged
+  (``scale_group``). The kernel prefetches the next tile's words into registers itself (``num_stages=1``):
+  Triton's pipeliner would otherwise turn the data-dependent code-table loads into per-element
+  asynchronous copies through shared memory.
   Split-K exists because at M = 1 an 8192-wide output only makes 8192 / BLOCK_N = 128 tiles — one per SM,
   far too few loads in flight to saturate HBM. The heuristic splits K until there are about
   ``_PROGRAMS_PER_SM`` programs per SM, keeping at least ``_MIN_ITERS_PER_SPLIT`` tiles per slice so the
@@ -166,7 +170,7 @@ def _nf4_matmul_kernel(
     offs_am = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_bn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: W is the tensor cores' A operand
     k_start = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     word, scale = _w_tile_words(
@@ -187,18 +191,18 @@ def _nf4_matmul_kernel(
             mask=(offs_am[:, None] < M) & (offs_k[None, :] < k_end), other=0.0,
         )  # (BM, BK)
         w = _w_tile_decode(word, scale, code_ptr, BLOCK_N, BLOCK_K)  # (BN, BK) float32
-        # acc += x @ dequant(W)ᵀ, W rounded to x's dtype first (as the reference does)
-        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        # accᵀ += dequant(W) @ xᵀ, W rounded to x's dtype first (as the reference does)
+        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
         word, scale = next_word, next_scale
 
     # run-time branches (bias or not, split or not): one compiled kernel for all four
-    offs_c = offs_am[:, None] * stride_cm + offs_bn[None, :] * stride_cn  # (BM, BN)
-    mask_c = (offs_am[:, None] < M) & (offs_bn[None, :] < N)
+    offs_c = offs_bn[:, None] * stride_cn + offs_am[None, :] * stride_cm  # (BN, BM): c's element (m, n)
+    mask_c = (offs_bn[:, None] < N) & (offs_am[None, :] < M)
     if n_split > 1:
         tl.store(ws_ptr + pid_s * stride_cs + offs_c, acc, mask=mask_c)
     else:
         if has_bias != 0:
-            acc += tl.load(bias_ptr + offs_bn, mask=offs_bn < N, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + offs_bn, mask=offs_bn < N, other=0.0).to(tl.float32)[:, None]
         tl.store(c_ptr + offs_c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
