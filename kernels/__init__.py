@@ -8,6 +8,7 @@ below are loaded on first attribute access (module ``__getattr__``).
 - ``nf4_dequantize(q, dtype=torch.bfloat16, out=None)``: NF4 -> dense, bit-exact (``nf4_dequant.py``).
 - ``nf4_matmul(x, q, bias=None)``: ``x @ dequant(q)ᵀ (+ bias)`` (``nf4_gemm.py``).
 - ``nf4_matmul_grad(grad_out, q)``: ``grad_out @ dequant(q)``, the input gradient (``nf4_gemm.py``).
+- ``nf4_matmul_fused(a, q, grad=False)``: the fused kernel alone at any M (benchmarks time both strategies).
 
 On a machine without a GPU, setting ``TRITON_INTERPRET=1`` before Triton is first imported runs the
 kernels on the CPU (slowly): that is how CI tests them.
@@ -30,11 +31,19 @@ import importlib
 import os
 from typing import Any
 
-__all__: list[str] = ["FUSED_MAX_M", "interpreter_active", "nf4_dequantize", "nf4_matmul", "nf4_matmul_grad"]
+__all__: list[str] = [
+    "FUSED_MAX_M",
+    "interpreter_active",
+    "nf4_dequantize",
+    "nf4_matmul",
+    "nf4_matmul_fused",
+    "nf4_matmul_grad",
+]
 
 # Rows of x up to which `nf4_matmul` runs the fused kernel (it reads only the packed bytes); above it,
-# dequantize + cuBLAS (tensor-core bound). Owned here, read by `nf4_gemm` and by `lora_core.dispatch`.
-FUSED_MAX_M = 64
+# dequantize + cuBLAS (tensor-core bound). 16: a BLOCK_M = 64 tile spills (the compile gate, nf4_gemm's
+# BLOCK_MS). Owned here, read by `nf4_gemm` and by `lora_core.dispatch`.
+FUSED_MAX_M = 16
 
 # public name -> the submodule that defines it (imported, with triton, on first use). The modules are
 # named unlike the functions: the import system binds a submodule as an attribute of its package, which
@@ -43,6 +52,7 @@ _LAZY = {
     "nf4_dequantize": "nf4_dequant",
     "nf4_matmul": "nf4_gemm",
     "nf4_matmul_grad": "nf4_gemm",
+    "nf4_matmul_fused": "nf4_gemm",
 }
 
 

@@ -5,22 +5,23 @@ The math (per element ``i`` of the flattened weight, ``b = i // block_size``)::
     absmax_f32[b] = nested_code[absmax[b]] * nested_absmax[b // 256] + offset    # double quant only
     w[i]          = (code[nibble(i)] * absmax_f32[b]).to(dtype)                  # float32, then one rounding
 
-How the kernel is laid out (one program = ``BLOCKS_PER_PROG`` quantization blocks)::
+How the kernel is laid out (one program = ``WORDS_PER_PROG`` 32-bit words = 8 elements each)::
 
-    packed bytes (BLOCKS_PER_PROG, block_size/2)  --pair table-->  (BLOCKS_PER_PROG, block_size/2, 2) fp32
-          byte b = [hi | lo]                                       (code[hi], code[lo])
-    * absmax (BLOCKS_PER_PROG, 1, 1)  -> reshape (BLOCKS_PER_PROG, block_size) -> cast -> one contiguous store
+    packed bytes viewed as int32 words (W,)      word = [byte3 | byte2 | byte1 | byte0]   (little endian)
+      -> nibbles (W, 8): element 2j = byte j >> 4, element 2j+1 = byte j & 15, i.e. word >> SHIFT[e] & 15
+      -> code[nibble] * absmax (W, 8) float32 -> cast -> store: a thread's 8 values are 8 adjacent outputs
 
-- **Byte -> two codes in one load.** Instead of splitting nibbles and looking each one up, a 256-entry
-  *pair table* ``T[b] = (code[b >> 4], code[b & 15])`` (2 KiB, lives in L1) turns each packed byte into its
-  two float32 codes with one 8-byte gather: half the load instructions and no shift/mask arithmetic. The
-  table is built from ``q.code`` itself (so any code table works) and cached per code tensor.
-- **One scale per block, not per element.** The tile's middle axis is the quantization block, so the
-  absmax (and, with double quantization, its two nested look-ups) is loaded once per block and broadcast.
-- **Wide, coalesced accesses.** Bytes are read ``block_size/2`` contiguous per row of the tile, and the
-  output of a program is one contiguous run of ``BLOCKS_PER_PROG * block_size`` elements, so the
-  compiler emits 16-byte loads/stores. This kernel is bandwidth bound: it reads 0.5 + 1/64 (or 4/64) bytes
-  and writes 2 (bf16) bytes per element; nothing else should cost.
+- **Words, shifts and the 16-entry table.** One 32-bit load brings 8 codes; a shift and a mask give each
+  nibble and one load from the 64-byte code table (a single L1 line: every thread of a warp hits it in
+  one wavefront) its float32 value. An earlier version turned each byte into both codes with one 8-byte
+  gather from a 256-entry pair table (2 KiB): half the loads, but ~6 L1 wavefronts per gather, and a
+  byte and an output transpose through shared memory. The static report (``benchmarks/README.md``)
+  shows why this one is faster (estimates, not timings).
+- **The decoded values already are the store layout.** A thread decodes one word into 8 consecutive
+  outputs, exactly one 16-byte store in bf16/fp16: no shared-memory round trip between load and store.
+- **One scale per word.** A block holds at least 16 elements, so a word (8 elements, starting at a
+  multiple of 8) never straddles two blocks: ``block = word >> (log2(block_size) - 3)``, one scale per
+  word. The shift is a run-time argument, so one compiled kernel serves every block size.
 - **Bit-exactness and FMA.** ``nested_code * nested_absmax + offset`` is a multiply followed by an add; on
   a GPU the compiler would contract it to one fused multiply-add (a single rounding), which differs from
   the reference's two roundings in the last bit. The kernel is therefore launched with
@@ -39,9 +40,10 @@ from lora_core.kernels import interpreter_active
 
 from lora_core.quant.nf4 import NF4Tensor, check_nf4_fields
 
-# Elements each program writes. 8192 bf16 = 16 KiB out per program: with 8 warps that is 64 bytes of
-# output and 16 bytes of input per thread, i.e. one 16-byte load and four 16-byte stores in flight.
-_ELEMS_PER_PROG = 8192
+# 32-bit words each program decodes: 1024 words = 8192 elements = 16 KiB of bf16 out per program; with 8
+# warps a thread decodes 4 words (4 × 16-byte stores in bf16).
+_WORDS_PER_PROG = 1024
+_NUM_WARPS = 8
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -81,29 +83,26 @@ def check_device(t: torch.Tensor, name: str) -> None:
     )
 
 
-# A cache of pair tables, keyed by the code tensor's identity. Holding the code tensor itself keeps its
-# memory from being reused by another tensor, and its version counter catches in-place edits.
-_PAIR_TABLES: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+def packed_words(packed: torch.Tensor) -> torch.Tensor:
+    """The packed bytes (contiguous uint8) as int32 words, 4 bytes each: a view when the byte count and
+    the start are multiples of 4, else a zero-padded copy (only tiny or odd-sized weights: ``numel % 8``)."""
+    if packed.numel() % 4 == 0 and packed.storage_offset() % 4 == 0:
+        return packed.view(torch.int32)
+    padded = torch.zeros(-(-packed.numel() // 4) * 4, dtype=torch.uint8, device=packed.device)
+    padded[: packed.numel()] = packed
+    return padded.view(torch.int32)
 
 
-def pair_table(code: torch.Tensor) -> torch.Tensor:
-    """``T[b] = (code[b >> 4], code[b & 15])`` for every byte ``b``: float32 ``(256, 2)``, contiguous."""
-    hit = _PAIR_TABLES.get(id(code))
-    if hit is not None and hit[0] is code and hit[1] == code._version:
-        return hit[2]
-    flat = code.reshape(16)
-    table = torch.stack([flat.repeat_interleave(16), flat.repeat(16)], dim=1).contiguous()  # (256, 2)
-    if len(_PAIR_TABLES) >= 16:  # a handful of distinct code tables is the normal case
-        _PAIR_TABLES.pop(next(iter(_PAIR_TABLES)))
-    _PAIR_TABLES[id(code)] = (code, code._version, table)
-    return table
+def log2(n: int) -> int:
+    """log2 of a power of two (block sizes are checked to be powers of two by ``check_nf4_fields``)."""
+    return n.bit_length() - 1
 
 
-def nested_args(q: NF4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The double-quantization operands (dummies when off, never read by the kernels then)."""
+def scale_args(q: NF4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The double-quantization operands and log2 of the nested block size (dummies when off: unread)."""
     if q.double_quant:
-        return q.nested_code, q.nested_absmax, q.offset.reshape(1), int(q.nested_block_size)
-    return q.absmax, q.absmax, q.absmax, 256
+        return q.nested_code, q.nested_absmax, q.offset.reshape(1), log2(int(q.nested_block_size))
+    return q.absmax, q.absmax, q.absmax, 8
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -111,14 +110,14 @@ def nested_args(q: NF4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 
 @triton.jit
 def block_absmax(
-    absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, offs_blk, mask,
-    NESTED_BLOCK_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, offs_blk, mask, nested_shift,
+    DOUBLE_QUANT: tl.constexpr,
 ):  # fmt: skip
     """The float32 scale of each block in ``offs_blk`` (any shape); 0 where ``mask`` is False."""
     if DOUBLE_QUANT:
-        # absmax_f32 = nested_code[absmax] * nested_absmax[b // 256] + offset
+        # absmax_f32 = nested_code[absmax] * nested_absmax[b // nested_block_size] + offset
         a_code = tl.load(absmax_ptr + offs_blk, mask=mask, other=0).to(tl.int32)
-        a_scale = tl.load(nested_absmax_ptr + offs_blk // NESTED_BLOCK_SIZE, mask=mask, other=0.0)
+        a_scale = tl.load(nested_absmax_ptr + (offs_blk >> nested_shift), mask=mask, other=0.0)
         absmax = tl.load(nested_code_ptr + a_code) * a_scale + tl.load(offset_ptr)
     else:
         absmax = tl.load(absmax_ptr + offs_blk, mask=mask, other=0.0)
@@ -126,34 +125,41 @@ def block_absmax(
 
 
 @triton.jit
+def nibble_shifts():
+    """``(8,)`` int32: element ``e`` of a little-endian word is ``word >> SHIFT[e] & 15``, the first
+    element of each byte in its high nibble: ``[4, 0, 12, 8, 20, 16, 28, 24]``."""
+    e = tl.arange(0, 8)
+    return (e >> 1) * 8 + (1 - (e & 1)) * 4
+
+
+@triton.jit(do_not_specialize=["n_elements", "n_words", "n_blocks", "word_shift", "nested_shift"])
 def _nf4_dequant_kernel(
     # pointers
-    packed_ptr, absmax_ptr, table_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, out_ptr,
+    words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, out_ptr,
     # sizes
-    n_elements, n_bytes, n_blocks,
+    n_elements, n_words, n_blocks, word_shift, nested_shift,
     # meta-parameters
-    BLOCK_SIZE: tl.constexpr, NESTED_BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr,
+    WORDS_PER_PROG: tl.constexpr, WHOLE_WORDS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
 ):  # fmt: skip
-    HALF: tl.constexpr = BLOCK_SIZE // 2
     pid = tl.program_id(0).to(tl.int64)  # int64: 28672×8192 elements still fit int32, bigger ones may not
-    offs_blk = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)  # (P,) block index
-    offs_byte = offs_blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (P, H) byte index
-
-    # absmax_f32 = nested_code[absmax] * nested_absmax[b // 256] + offset   (no FMA: see module doc)
+    offs_word = pid * WORDS_PER_PROG + tl.arange(0, WORDS_PER_PROG)  # (W,) word index
+    # word = packed.view(int32)[offs_word]: 8 codes
+    word = tl.load(words_ptr + offs_word, mask=offs_word < n_words, other=0)  # (W,)
+    # absmax_f32 per word: block = element // block_size = word // (block_size / 8)
+    offs_blk = offs_word >> word_shift  # (W,)
     absmax = block_absmax(
         absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, offs_blk, offs_blk < n_blocks,
-        NESTED_BLOCK_SIZE, DOUBLE_QUANT,
-    )  # (P,)
-
-    # (code[hi], code[lo]) = T[byte]: one 8-byte gather per byte
-    byte = tl.load(packed_ptr + offs_byte, mask=offs_byte < n_bytes, other=0).to(tl.int32)  # (P, H)
-    pair = tl.load(table_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])  # (P, H, 2)
-    w = pair * absmax[:, None, None]  # (P, H, 2) float32
-    w = tl.reshape(w, (BLOCKS_PER_PROG, BLOCK_SIZE))  # element order: byte-major, high nibble first
-
-    offs_out = offs_blk[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]  # (P, BS)
-    tl.store(out_ptr + offs_out, w.to(out_ptr.dtype.element_ty), mask=offs_out < n_elements)
+        nested_shift, DOUBLE_QUANT,
+    )  # (W,)
+    # w = code[nibble] * absmax
+    nibble = (word[:, None] >> nibble_shifts()[None, :]) & 15  # (W, 8)
+    w = tl.load(code_ptr + nibble) * absmax[:, None]  # (W, 8) float32
+    offs_out = offs_word[:, None] * 8 + tl.arange(0, 8)[None, :]  # (W, 8)
+    if WHOLE_WORDS:  # numel % 8 == 0: a mask per word keeps each thread's 8 outputs one vector store
+        mask = (offs_word < n_words)[:, None]
+    else:
+        mask = offs_out < n_elements
+    tl.store(out_ptr + offs_out, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -190,18 +196,15 @@ def nf4_dequantize(
     n = q.numel
     if n == 0:
         return out
-    bs = q.block_size
-    n_blocks = -(-n // bs)
-    blocks_per_prog = max(1, _ELEMS_PER_PROG // bs)
-    elems = blocks_per_prog * bs
-    nested_code, nested_absmax, offset, nested_bs = nested_args(q)
-    grid = (triton.cdiv(n_blocks, blocks_per_prog),)
+    words = packed_words(q.packed)
+    n_words = -(-n // 8)  # words holding at least one element (the padding of a copy is never read)
+    nested_code, nested_absmax, offset, nested_shift = scale_args(q)
+    grid = (triton.cdiv(n_words, _WORDS_PER_PROG),)
     _nf4_dequant_kernel[grid](
-        q.packed, q.absmax, pair_table(q.code), nested_code, nested_absmax, offset, out,
-        n, q.packed.numel(), n_blocks,
-        BLOCK_SIZE=bs, NESTED_BLOCK_SIZE=nested_bs, BLOCKS_PER_PROG=blocks_per_prog,
-        DOUBLE_QUANT=q.double_quant,
-        num_warps=8 if elems >= 8192 else 4,
+        words, q.absmax, q.code.reshape(16), nested_code, nested_absmax, offset, out,
+        n, n_words, q.absmax.numel(), log2(q.block_size) - 3, nested_shift,
+        WORDS_PER_PROG=_WORDS_PER_PROG, WHOLE_WORDS=n % 8 == 0, DOUBLE_QUANT=q.double_quant,
+        num_warps=_NUM_WARPS,
         enable_fp_fusion=False,  # bit-exactness: keep `mul` then `add` (module doc)
     )  # fmt: skip
     return out

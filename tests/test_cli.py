@@ -193,7 +193,9 @@ def test_bench_without_a_gpu_says_so_and_exits_2(suite: list[str]) -> None:
 def test_bench_rejects_an_unknown_suite() -> None:
     result = cli("bench", "warp-speed")
     assert result.returncode == 2
-    expected = "lora-core: error: unknown benchmark 'warp-speed'; choose from ['e2e', 'kernels', 'layer']"
+    expected = (
+        "lora-core: error: unknown benchmark 'warp-speed'; choose from ['e2e', 'kernels', 'layer', 'static']"
+    )
     assert result.stderr.strip() == expected
 
 

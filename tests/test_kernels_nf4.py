@@ -213,6 +213,33 @@ def test_fused_split_k_configs(cfg: dict[str, int], double_quant: bool) -> None:
     assert_close(dx, _expected(g, q, None, grad=True))
 
 
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+@pytest.mark.parametrize("k", [256, 200])  # 200: K % 64 != 0, one scale per packed word
+def test_fused_block_sizes_and_ragged_k(block_size: int, k: int) -> None:
+    q = nf4.quantize_nf4(randn(24, k, seed=20), block_size, double_quant=True)  # bnb has no 16-blocks
+    x, g = randn(3, k, seed=21, dtype=torch.float16), randn(3, 24, seed=22, dtype=torch.float16)
+    with poisoned_alloc():
+        y, dx = kernels.nf4_matmul(x, q), kernels.nf4_matmul_grad(g, q)
+    assert_close(y, _expected(x, q, None, grad=False))
+    assert_close(dx, _expected(g, q, None, grad=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_matmul_uses_the_dequantized_weight_bit_for_bit(dtype: torch.dtype) -> None:
+    """One-hot rows of x pick columns of W exactly (products with 1, sums of zeros): the fused kernels
+    must see the very weights nf4_dequantize gives (FP fusion off: the absmax is not one FMA)."""
+    n, k = 40, 512
+    q = quantize(randn(n, k, seed=23), 64, double_quant=True)
+    w = dequantize_ref(q, dtype)  # (N, K)
+    cols, rows = torch.tensor([0, 7, 63, 64, 300, 511]), torch.tensor([0, 1, 17, 39])
+    x = torch.zeros(len(cols), k, dtype=dtype, device=DEVICE)
+    x[torch.arange(len(cols)), cols.to(DEVICE)] = 1
+    g = torch.zeros(len(rows), n, dtype=dtype, device=DEVICE)
+    g[torch.arange(len(rows)), rows.to(DEVICE)] = 1
+    assert torch.equal(kernels.nf4_matmul(x, q), w[:, cols.to(DEVICE)].T)
+    assert torch.equal(kernels.nf4_matmul_grad(g, q), w[rows.to(DEVICE)])
+
+
 def test_large_m_dequantize_then_torch() -> None:
     from lora_core.kernels.nf4_gemm import FUSED_MAX_M
 

@@ -184,8 +184,7 @@ def _bench_weight(
     """
     import torch.nn.functional as F
 
-    from lora_core.kernels import nf4_dequantize, nf4_matmul, nf4_matmul_grad
-    from lora_core.kernels.nf4_gemm import FUSED_MAX_M, _launch_fused
+    from lora_core.kernels import FUSED_MAX_M, nf4_dequantize, nf4_matmul, nf4_matmul_fused, nf4_matmul_grad
 
     try:
         import bitsandbytes as bnb
@@ -210,7 +209,7 @@ def _bench_weight(
             rec("matmul", m, BASELINE, lambda: F.linear(x, w_deq))  # noqa: B023
             rec("matmul", m, "ours", lambda: nf4_matmul(x, q))  # noqa: B023
             if m <= 4 * FUSED_MAX_M:
-                rec("matmul", m, "ours_fused", lambda: _launch_fused(x, q, None, False))  # noqa: B023
+                rec("matmul", m, "ours_fused", lambda: nf4_matmul_fused(x, q))  # noqa: B023
             rec("matmul", m, "ours_dequant_cublas", lambda: F.linear(x, nf4_dequantize(q, dt)))  # noqa: B023
             rec("matmul", m, "torch_reference", lambda: F.linear(x, _reference(q, dt)))  # noqa: B023
             if bnb_q is not None:
@@ -220,7 +219,7 @@ def _bench_weight(
             rec("grad", m, BASELINE, lambda: g @ w_deq)  # noqa: B023
             rec("grad", m, "ours", lambda: nf4_matmul_grad(g, q))  # noqa: B023
             if m <= 4 * FUSED_MAX_M:
-                rec("grad", m, "ours_fused", lambda: _launch_fused(g, q, None, True))  # noqa: B023
+                rec("grad", m, "ours_fused", lambda: nf4_matmul_fused(g, q, grad=True))  # noqa: B023
             rec("grad", m, "ours_dequant_cublas", lambda: g @ nf4_dequantize(q, dt))  # noqa: B023
             if bnb_q is not None:
                 rec("grad", m, "bitsandbytes", lambda: g @ bnbf.dequantize_4bit(*bnb_q))  # noqa: B023

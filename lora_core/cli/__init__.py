@@ -262,6 +262,7 @@ BENCH_SUITES = {
     "kernels": "lora_core.bench.kernels",  # NF4 dequantize / matmul vs cuBLAS and bitsandbytes
     "layer": "lora_core.bench.layers",  # fused LoRA / QLoRA / DoRA layer vs the frozen linear and PEFT
     "e2e": "lora_core.bench.e2e",  # end-to-end QLoRA training vs PEFT + bitsandbytes
+    "static": "lora_core.kernels.static_report",  # what the kernels compile to, modelled (no GPU needed)
 }
 
 

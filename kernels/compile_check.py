@@ -1,0 +1,452 @@
+"""Compile every kernel configuration the launchers can choose, for NVIDIA GPUs, on a machine without one.
+
+Triton compiles for a GPU it cannot see: ``triton.compile`` takes a target (``GPUTarget("cuda", 90, 32)``
+is sm_90a) and runs the ``ptxas`` it bundles. What a real launch would compile is decided by the
+launcher (tiles, flags) *and* by Triton's binder, which specialises on the arguments (an int equal to 1
+becomes a constant, ints and pointers divisible by 16 get a ``tt.divisibility`` hint). So this module:
+
+1. **captures launches**: runs a public launcher (``nf4_matmul`` ...) on CPU tensors with
+   ``JITFunction.run`` intercepted and the device checks off; the launcher's own host code chooses the
+   configuration, exactly as on a GPU with ``arch``'s SM count;
+2. **specialises** each launch with Triton's own binder for the CUDA backend (``specialise``);
+3. **dedupes** launches that would compile to the same kernel (same function, signature, constants,
+   hints, options) and **compiles** each distinct one for each target, reading registers and spills from
+   ptxas' log and shared memory from the kernel's metadata (``compile_kernel``).
+
+The cases (``cases``) are enumerated from the launchers' own choices: their supported dtypes, every
+block size the NF4 container accepts, M from 1 to one past ``FUSED_MAX_M`` (so every ``BLOCK_M`` that
+``_config`` picks, and the dequantize + cuBLAS path), K aligned / ragged / not a multiple of 8, splits
+of 1 and more, bias on and off, double quantization on and off.
+
+It lives in the package (not in ``benchmarks/``) because it is tied to the launchers' internals (what to
+intercept, what to enumerate) and to the Triton version the kernels are written for; the compile gate
+(``tests/test_kernels_compile.py``) and the static report (``static_report.py``) both use it.
+
+Command line (Triton must not be in interpreter mode)::
+
+    python -m lora_core.kernels.compile_check [--arch 80,90] [--jobs 2] [--json out.json]
+
+prints one line per distinct kernel and exits 1 when one breaks the gate (``problems``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from lora_core.nf4 import NF4Tensor
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What a GPU generation allows a block (CUDA occupancy calculator's figures)."""
+
+    cc: int  # compute capability, major*10 + minor: Triton's target
+    name: str
+    sms: int  # of the reference part (A100 / H100 SXM)
+    smem_per_block: int  # cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes
+    smem_per_sm: int  # shared memory an SM can give its blocks (incl. 1 KiB reserved per block)
+    regs_per_sm: int = 65536
+    max_warps: int = 64
+    max_blocks: int = 32
+
+
+ARCHS = {
+    80: Arch(80, "sm_80 (A100)", 108, 163 * 1024, 164 * 1024),
+    90: Arch(90, "sm_90a (H100/H200)", 132, 227 * 1024, 228 * 1024),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of a public launcher: ``op`` in dequantize / matmul / grad, on a weight (n, k)."""
+
+    op: str
+    dtype: str  # float16 / bfloat16 / float32
+    n: int
+    k: int
+    block_size: int = 64
+    double_quant: bool = True
+    m: int = 1
+    bias: bool = False
+    layout: str = "contiguous"  # of x / grad_out: contiguous, strided (every other column), transposed
+
+    @property
+    def name(self) -> str:
+        s = f"{self.op} {self.dtype} {self.n}x{self.k} bs={self.block_size} dq={int(self.double_quant)}"
+        if self.op != "dequantize":
+            s += f" M={self.m}" + (" bias" if self.bias else "") + ("" if self.layout == "contiguous" else
+                                                                     f" {self.layout}")
+        return s
+
+
+@dataclass
+class Result:
+    """One distinct kernel compiled for one arch, and the cases that launch it."""
+
+    kernel: str
+    arch: int
+    constexprs: dict[str, Any]
+    hints: str  # the binder's specialisation of the non-constant arguments, abridged
+    num_warps: int = 0
+    regs: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    shared: int = -1
+    error: str = ""
+    seconds: float = 0.0
+    cases: list[str] = field(default_factory=list)
+    sass: str = ""  # filled only when asked for (the static report); not written to JSON
+
+    def occupancy(self) -> tuple[int, str]:
+        """Resident blocks per SM and what limits them (registers, shared memory, warps)."""
+        a = ARCHS[self.arch]
+        regs_per_warp = -(-max(self.regs, 1) * 32 // 256) * 256  # allocated in units of 256
+        limits = {
+            "regs": a.regs_per_sm // (regs_per_warp * self.num_warps),
+            "smem": a.smem_per_sm // (self.shared + 1024) if self.shared else a.max_blocks,
+            "warps": a.max_warps // self.num_warps,
+            "blocks": a.max_blocks,
+        }
+        by = min(limits, key=lambda k: limits[k])
+        return limits[by], by
+
+
+# ----------------------------------------------------------------------------- 1. capture launches
+
+
+@dataclass
+class Launch:
+    fn: Any  # the JITFunction
+    args: tuple
+    kwargs: dict
+    grid: Any
+
+
+@contextlib.contextmanager
+def intercepted(arch: int) -> Iterator[list[Launch]]:
+    """Launchers run on CPU tensors; their kernel launches are recorded instead of run."""
+    from lora_core.kernels import nf4_dequant, nf4_gemm
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+
+    def record(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
+        launches.append(Launch(self, args, kwargs, grid))
+
+    def no_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype)  # cuBLAS's part: not ours to compile
+
+    saved = (JITFunction.run, nf4_dequant.check_device, nf4_gemm.check_device, nf4_gemm._num_sms, nf4_gemm.F)
+    JITFunction.run = record
+    nf4_dequant.check_device = nf4_gemm.check_device = lambda t, name: None
+    nf4_gemm._num_sms = lambda device: ARCHS[arch].sms
+    nf4_gemm.F = types.SimpleNamespace(linear=no_linear)
+    try:
+        yield launches
+    finally:
+        (JITFunction.run, nf4_dequant.check_device, nf4_gemm.check_device, nf4_gemm._num_sms,
+         nf4_gemm.F) = saved  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)  # cases come grouped by weight: one weight in memory at a time
+def fake_nf4(n: int, k: int, block_size: int, double_quant: bool) -> NF4Tensor:
+    """An NF4Tensor with valid field sizes and arbitrary contents (launchers only look at sizes)."""
+    numel = n * k
+    nb = -(-numel // block_size)
+    f32 = {"dtype": torch.float32}
+    nested = {}
+    if double_quant:
+        nested = {"nested_absmax": torch.empty(-(-nb // 256), **f32), "nested_code": torch.empty(256, **f32),
+                  "nested_block_size": 256, "offset": torch.empty((), **f32)}  # fmt: skip
+    return NF4Tensor(
+        packed=torch.empty((numel + 1) // 2, dtype=torch.uint8),
+        absmax=torch.empty(nb, dtype=torch.uint8) if double_quant else torch.empty(nb, **f32),
+        shape=torch.Size((n, k)), dtype=torch.bfloat16, block_size=block_size, code=torch.empty(16, **f32),
+        **nested,
+    )  # fmt: skip
+
+
+def _activation(rows: int, cols: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    if layout == "transposed":
+        return torch.empty(cols, rows, dtype=dtype).T
+    if layout == "strided":
+        return torch.empty(rows, 2 * cols, dtype=dtype)[:, ::2]
+    return torch.empty(rows, cols, dtype=dtype)
+
+
+def capture(case: Case, arch: int) -> list[Launch]:
+    """The launches one launcher call makes (the configuration it chooses on ``arch``)."""
+    from lora_core import kernels
+
+    dtype = getattr(torch, case.dtype)
+    q = fake_nf4(case.n, case.k, case.block_size, case.double_quant)
+    with intercepted(arch) as launches:
+        if case.op == "dequantize":
+            kernels.nf4_dequantize(q, dtype)
+        elif case.op == "matmul":
+            bias = torch.empty(case.n, dtype=dtype) if case.bias else None
+            kernels.nf4_matmul(_activation(case.m, case.k, dtype, case.layout), q, bias)
+        else:
+            kernels.nf4_matmul_grad(_activation(case.m, case.n, dtype, case.layout), q)
+    return launches
+
+
+# ----------------------------------------------------------------------------- 2. which configurations
+
+
+def block_sizes() -> list[int]:
+    """Every block size the NF4 container accepts (asked of its own check, not copied)."""
+    from lora_core.nf4 import check_nf4_fields
+
+    ok = []
+    for bs in (2**i for i in range(1, 15)):
+        try:
+            check_nf4_fields(fake_nf4(1, 64, bs, False), "q")
+        except ValueError:
+            continue
+        ok.append(bs)
+    return ok
+
+
+def cases() -> list[Case]:
+    """Launcher calls that between them make every configuration the launchers can choose."""
+    from lora_core.kernels import nf4_dequant, nf4_gemm
+
+    names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+    out = []
+    for dt in nf4_dequant._SUPPORTED_DTYPES:
+        for bs in block_sizes():
+            for dq in (False, True):
+                # numel a multiple of 8·16, of 8 only, and odd (a partial last word)
+                for n, k in ((64, 1024), (8, 1001), (1, 1001)):
+                    out.append(Case("dequantize", names[dt], n, k, bs, dq))
+    # every M up to one past FUSED_MAX_M, reduced to the first and last M of each BLOCK_M _config picks
+    by_block_m: dict[int, list[int]] = {}
+    for m in range(1, nf4_gemm.FUSED_MAX_M + 2):
+        bm = nf4_gemm._config(m, 4096, 4096, torch.device("cpu"), False)["BLOCK_M"]
+        by_block_m.setdefault(bm, []).append(m)
+    ms = sorted({m for group in by_block_m.values() for m in (group[0], group[-1])})
+    # K: a multiple of 128 and of every block size / ragged (K % 8 == 0 only) / K % 8 != 0 (not fused);
+    # N and K small and large so that both split = 1 and split > 1 occur for matmul and grad
+    shapes = [(n, k) for n in (256, 4096) for k in (512, 520, 4096, 4104, 4100)]
+    for dt in nf4_gemm._SUPPORTED_DTYPES:
+        for bs in block_sizes():
+            for dq in (False, True):
+                for n, k in shapes:
+                    for m in ms:
+                        out.append(Case("grad", names[dt], n, k, bs, dq, m))
+                        for bias in (False, True):
+                            out.append(Case("matmul", names[dt], n, k, bs, dq, m, bias))
+    # other strides of x / grad_out (a stride of 1 becomes a constant, so these are other kernels)
+    for layout in ("strided", "transposed"):
+        for m in (1, nf4_gemm.FUSED_MAX_M):
+            out.append(Case("matmul", "bfloat16", 4096, 4096, 64, True, m, False, layout))
+            out.append(Case("grad", "bfloat16", 4096, 4096, 64, True, m, False, layout))
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. specialise, compile
+
+
+@functools.cache
+def _binder(fn: Any, arch: int) -> tuple[Any, Any]:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    return backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def _bind(launch: Launch, arch: int) -> tuple[Any, dict, Any, list, dict]:
+    from triton import knobs
+
+    fn = launch.fn
+    backend, binder = _binder(fn, arch)
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    return backend, kwargs, bound_args, specialization, options
+
+
+def specialise(launch: Launch, arch: int) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) as ``JITFunction.run`` computes them for a CUDA device."""
+    backend, kwargs, bound_args, specialization, options = _bind(launch, arch)
+    options, signature, constexprs, attrs = launch.fn._pack_args(
+        backend, kwargs, bound_args, specialization, options
+    )
+    return signature, constexprs, attrs, options.__dict__
+
+
+def kernel_key(launch: Launch, arch: int) -> tuple[str, str]:
+    """What decides the compiled code, as ``JITFunction.run``'s cache key: the function, the binder's
+    specialisation of every argument (types, constants, divisibility) and the options."""
+    _, _, _, specialization, options = _bind(launch, arch)
+    return launch.fn.__name__, repr((specialization, sorted(options.items())))
+
+
+_PTXAS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_kernel(launch: Launch, arch: int, want_sass: bool = False) -> Result:
+    """Compile one launch for ``arch``; registers/spills from ptxas' log, shared memory from metadata."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = specialise(launch, arch)
+    fn = launch.fn
+    named = {fn.arg_names[path[0]]: v for path, v in constexprs.items()}
+    hints = ",".join(f"{fn.arg_names[p[0]]}" for p, v in attrs.items() if v) or "-"
+    res = Result(fn.__name__, arch, {k: str(v) for k, v in named.items()}, hints)
+    start = time.perf_counter()
+    log = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
+    try:
+        with contextlib.redirect_stdout(log):
+            src = ASTSource(fn, signature, constexprs, attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as e:  # a compile failure is a finding of the gate, reported with the kernel
+        res.error = f"{type(e).__name__}: {' / '.join(str(e).strip().splitlines()[:3])[:300]}"
+        return res
+    finally:
+        res.seconds = time.perf_counter() - start
+    text = log.getvalue()
+    regs, spill = _PTXAS.search(text), _SPILL.search(text)
+    res.regs = int(regs.group(1)) if regs else -1
+    res.spill_stores, res.spill_loads = (int(spill.group(1)), int(spill.group(2))) if spill else (-1, -1)
+    res.shared, res.num_warps = int(k.metadata.shared), int(k.metadata.num_warps)
+    if want_sass:
+        res.sass = disassemble(k.asm["cubin"])
+    return res
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin, by the ``cuobjdump`` Triton bundles."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def problems(r: Result) -> list[str]:
+    """What the gate refuses: a failed compile, a spill, or more shared memory than a block can have."""
+    out = []
+    if r.error:
+        out.append(f"does not compile: {r.error}")
+    elif r.spill_stores != 0 or r.spill_loads != 0 or r.regs < 0:
+        out.append(f"spills {r.spill_stores}/{r.spill_loads} bytes (stores/loads), {r.regs} registers")
+    if r.shared > ARCHS[r.arch].smem_per_block:
+        a = ARCHS[r.arch]
+        out.append(f"needs {r.shared} B of shared memory > {a.smem_per_block} on {a.name}")
+    return out
+
+
+# ----------------------------------------------------------------------------- the whole matrix
+
+_JOBS: list[tuple[Launch, int, bool, list[str]]] = []  # read by forked workers
+
+
+def _compile_job(i: int) -> Result:
+    launch, arch, want_sass, names = _JOBS[i]
+    result = compile_kernel(launch, arch, want_sass)
+    result.cases = names
+    return result
+
+
+def distinct_kernels(case_list: list[Case], archs: list[int]) -> list[tuple[Launch, int, list[str]]]:
+    """Capture every case on every arch and keep one launch per distinct compiled kernel."""
+    seen: dict[tuple[int, str, str], tuple[Launch, int, list[str]]] = {}
+    for arch in archs:
+        for case in case_list:
+            for launch in capture(case, arch):
+                key = (arch, *kernel_key(launch, arch))
+                seen.setdefault(key, (launch, arch, []))[2].append(case.name)
+    return list(seen.values())
+
+
+def run(case_list: list[Case], archs: list[int], jobs: int, want_sass: bool = False,
+        progress: Callable[[Result], None] | None = None) -> list[Result]:  # fmt: skip
+    """Compile every distinct kernel of ``case_list`` for ``archs`` on ``jobs`` processes."""
+    global _JOBS
+    _JOBS = [(launch, arch, want_sass, names) for launch, arch, names in distinct_kernels(case_list, archs)]
+    results: list[Result] = []
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs))
+            done: Iterator[Result] = pool.imap(_compile_job, range(len(_JOBS)))
+        else:
+            done = map(_compile_job, range(len(_JOBS)))
+        for r in done:
+            results.append(r)
+            if progress:
+                progress(r)
+    return results
+
+
+def describe(r: Result) -> str:
+    ce = " ".join(f"{k}={v}" for k, v in r.constexprs.items())
+    if r.error:
+        return f"{r.kernel:26s} sm_{r.arch} FAIL {r.error}  [{ce}]"
+    blocks, by = r.occupancy()
+    return (f"{r.kernel:26s} sm_{r.arch} regs {r.regs:3d} spill {r.spill_stores}/{r.spill_loads} "
+            f"smem {r.shared:6d} B  {blocks:2d} blocks/SM ({by})  {r.seconds:4.1f}s  [{ce}] "
+            f"({len(r.cases)} cases, e.g. {r.cases[0]})")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lora_core.kernels import interpreter_active
+
+    prog = "python -m lora_core.kernels.compile_check"
+    ap = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated (80, 90)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    ap.add_argument("--json", help="write every result here")
+    args = ap.parse_args(argv)
+    if interpreter_active():
+        print("compile_check needs TRITON_INTERPRET unset (the interpreter replaces @jit)", file=sys.stderr)
+        return 2
+    archs = [int(a) for a in args.arch.split(",")]
+    start = time.perf_counter()
+    case_list = cases()
+    results = run(case_list, archs, args.jobs, progress=lambda r: print(describe(r), flush=True))
+    bad = [(r, p) for r in results for p in problems(r)]
+    elapsed = time.perf_counter() - start
+    print(f"{len(case_list)} cases -> {len(results)} distinct kernels on sm_{', sm_'.join(map(str, archs))} "
+          f"in {elapsed:.0f} s with {args.jobs} processes; {len(bad)} problems")  # fmt: skip
+    for r, p in bad:
+        print(f"PROBLEM {r.kernel} sm_{r.arch} {r.constexprs}: {p} (e.g. {r.cases[0]})")
+    if args.json:
+        rows = [{**asdict(r), "sass": None, "problems": problems(r)} for r in results]
+        with open(args.json, "w") as f:
+            json.dump({"seconds": elapsed, "cases": len(case_list), "results": rows}, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
