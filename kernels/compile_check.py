@@ -47,7 +47,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from lora_core.nf4 import NF4Tensor
+
+from lora_core.quant.nf4 import NF4Tensor
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def capture(case: Case, arch: int) -> list[Launch]:
 
 def block_sizes() -> list[int]:
     """Every block size the NF4 container accepts (asked of its own check, not copied)."""
-    from lora_core.nf4 import check_nf4_fields
+    from lora_core.quant.nf4 import check_nf4_fields
 
     ok = []
     for bs in (2**i for i in range(1, 15)):

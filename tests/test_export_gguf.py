@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lora_core.testing import assert_close
+from tolerances import assert_close
 
 import lora_core as lc
 from lora_core.inference.gguf import check_exportable, permute_qk, write_gguf

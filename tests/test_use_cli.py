@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_core.testing import assert_close
+from tolerances import assert_close
 
 import lora_core as lc
 
