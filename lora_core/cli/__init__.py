@@ -86,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--sample-tokens", type=int, default=None, help="tokens generated before/after (>= 0; 0: none)"
     )
-    ft.add_argument("--sample-tokens", type=int, default=None, help="tokens generated before/after (0: none)")
     ft.add_argument("--prompt", default=None, help="before/after samples' prompt (default: the data's start)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
