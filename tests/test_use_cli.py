@@ -170,6 +170,9 @@ def test_export_writes_a_gguf_that_transformers_reads_back(trained: Path) -> Non
     tok_back = transformers.AutoTokenizer.from_pretrained(trained, gguf_file=out.name)
     text = "<|im_start|>user\n3 green bottles: Café<|im_end|>"
     assert tok_back.encode(text) == tok.encode(text) and tok_back.chat_template == tok.chat_template
+    import gguf
+
+    assert gguf.GGUFReader(str(out)).fields["general.name"].contents() == "llama-finetuned"
 
 
 def test_a_bad_sampling_flag_is_one_line_exit_2() -> None:

@@ -198,7 +198,7 @@ def export_command(args: argparse.Namespace) -> int:
         raise CliError(f"--adapter: not an adapter directory: {args.adapter}")
     model, tokenizer, base = load_merged(args.model, args.adapter, args.onto, torch.device("cpu"))
     check_exportable(model, tokenizer, args.dtype)  # ValueError (exit 2) before anything is written
-    name = Path(args.adapter).name if args.adapter else Path(base).name
+    name = Path(base).name + ("-finetuned" if args.adapter else "")  # general.name, shown by llama.cpp
     atomic_write(out, lambda tmp: write_gguf(model, tokenizer, tmp, dtype=args.dtype, name=name))
     size = out.stat().st_size / 2**20
     print(
