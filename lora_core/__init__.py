@@ -13,6 +13,14 @@ from lora_core.lora.adapters import load_adapter, save_adapter
 from lora_core.lora.config import LoraConfig
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
 from lora_core.lora.layer import LoRALinear
+from lora_core.lora.multi import (
+    active_adapters,
+    delete_adapter,
+    disable_adapter,
+    list_adapters,
+    mixed_adapters,
+    set_adapter,
+)
 from lora_core.lora.nf4_linear import nf4_linear
 from lora_core.lora.qlora import NF4Linear, QLoRALinear
 from lora_core.lora.surgery import (
@@ -51,6 +59,13 @@ __all__: list[str] = [
     "trainable_parameters",
     "unload_lora",
     "unmerge_lora",
+    # several adapters in one model (issue 15)
+    "active_adapters",
+    "delete_adapter",
+    "disable_adapter",
+    "list_adapters",
+    "mixed_adapters",
+    "set_adapter",
     # NF4 quantization and QLoRA
     "NF4Linear",
     "NF4Tensor",
