@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from lora_core.dispatch import fused_mode
 from lora_core.lora.adapters import load_adapter, save_adapter
+from lora_core.lora.combine import add_weighted_adapter
 from lora_core.lora.config import LoraConfig
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
 from lora_core.lora.layer import LoRALinear
@@ -61,6 +62,7 @@ __all__: list[str] = [
     "unmerge_lora",
     # several adapters in one model (issue 15)
     "active_adapters",
+    "add_weighted_adapter",
     "delete_adapter",
     "disable_adapter",
     "list_adapters",
