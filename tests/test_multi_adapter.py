@@ -7,7 +7,6 @@ disabled, a mixed batch) must give PEFT's outputs, and lora_core's own files mus
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -281,5 +280,101 @@ def test_single_default_adapter_keeps_its_keys_and_attributes() -> None:
     assert isinstance(layer.lora_magnitude_vector, nn.Parameter)
 
 
-def _copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
+# ---- mixed batches: one adapter per row -------------------------------------------------------------------
+ROWS = ["fr", "__base__", "default"]
+
+
+def _rows_alone(model: nn.Module, names: list[str], ids: torch.Tensor = IDS) -> torch.Tensor:
+    out = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with lc.disable_adapter(model):
+                out.append(_logits(model, ids[i : i + 1]))
+        else:
+            lc.set_adapter(model, name)
+            out.append(_logits(model, ids[i : i + 1]))
+    return torch.cat(out)
+
+
+def test_mixed_batch_equals_each_row_with_its_adapter_alone(peft_dir: Path) -> None:
+    model = _ours(peft_dir)
+    with lc.mixed_adapters(model, ROWS):
+        mixed = _logits(model)
+    assert all(layer.row_adapters is None for _, layer in lora_layers(model))  # restored
+    torch.testing.assert_close(mixed, _rows_alone(model, ROWS), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one name per row"), lc.mixed_adapters(model, ["fr", "default"]):
+        _logits(model)
+    lc.merge_lora(model)
+    with pytest.raises(ValueError, match="merged"), lc.mixed_adapters(model, ROWS):
+        pass
+
+
+def test_mixed_batch_equals_peft_adapter_names(tmp_path: Path) -> None:
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(**CFG_DEFAULT))
+    theirs.add_adapter("b", peft.LoraConfig(**{**CFG_FR, "use_dora": False}))
+    _randomize(theirs, 4)
+    theirs.eval().save_pretrained(tmp_path / "a")
+    ours = lc.load_adapter(_llama(), tmp_path / "a")
+    lc.load_adapter(ours, tmp_path / "a" / "b", adapter_name="b")
+    rows = ["b", "default", "__base__"]
+    with torch.no_grad():
+        want = theirs(IDS, adapter_names=rows).logits
+    with lc.mixed_adapters(ours, rows):
+        torch.testing.assert_close(_logits(ours), want, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_backward_trains_each_adapter_on_its_rows() -> None:
+    """Gradients of a mixed batch = the sum of each adapter's gradients on its own rows (float64, DoRA
+    too). PEFT refuses ``adapter_names`` in training mode; lora_core trains several adapters at once."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6)).double()
+    model = lc.apply_lora(net, lc.LoraConfig(r=3, target_modules=["0", "2"], dropout=0.0))
+    lc.apply_lora(model, lc.LoraConfig(r=2, alpha=4.0, target_modules=["2"], use_dora=True), adapter_name="b")
+    for _, layer in lora_layers(model):
+        for name in layer.adapter_names():
+            with torch.no_grad():
+                layer.lora_B[name].normal_()
+            for p in layer.adapter_parameters(name):
+                p.requires_grad_(True)
+    x = torch.randn(5, 4, 12, dtype=torch.float64)
+    rows = ["b", "default", "b", "__base__", "default"]
+    with lc.mixed_adapters(model, rows):
+        model(x).square().sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for name in ("default", "b"):
+        idx = [i for i, n in enumerate(rows) if n == name]
+        for _, layer in lora_layers(model):
+            layer.active_adapters = [name] if name in layer.lora_specs else []
+        model(x[idx]).square().sum().backward()
+    alone = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(mixed) == set(alone) and any(".b." in n for n in mixed)
+    assert any("lora_A.weight" in n for n in mixed)
+    for n in mixed:
+        torch.testing.assert_close(mixed[n], alone[n])
+
+
+def test_mixed_batch_on_an_nf4_base() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    lc.apply_lora(model, lc.LoraConfig(r=4, target_modules=["0", "2"], quantize="nf4", init="gaussian"))
+    lc.apply_lora(model, lc.LoraConfig(r=2, target_modules=["0"], init="gaussian"), adapter_name="b")
+    for _, layer in lora_layers(model):
+        assert isinstance(layer, lc.QLoRALinear)
+        for name in layer.adapter_names():
+            with torch.no_grad():
+                layer.lora_B[name].normal_()
+    x = torch.randn(3, 64)
+    rows = ["b", "default", "__base__"]
+    with torch.no_grad(), lc.mixed_adapters(model, rows):
+        mixed = model(x)
+    with torch.no_grad():
+        want = []
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with lc.disable_adapter(model):
+                    want.append(model(x[i : i + 1]))
+            else:
+                lc.set_adapter(model, name)
+                want.append(model(x[i : i + 1]))
+    torch.testing.assert_close(mixed, torch.cat(want), atol=1e-5, rtol=1e-5)
