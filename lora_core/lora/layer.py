@@ -31,7 +31,6 @@ adapter ``"default"`` adds ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r)
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -41,10 +40,10 @@ from torch import Tensor, nn
 
 from lora_core import dispatch
 from lora_core.lora import functional
-from lora_core.lora.bases import DenseBase, FrozenBase, HoldsFrozenBase, NF4Base, is_conv1d, linear_features
-from lora_core.lora.config import check_alpha, check_bool, check_dropout
+from lora_core.lora.bases import DenseBase, FrozenBase, NF4Base, is_conv1d, linear_features
+from lora_core.lora.config import check_bool
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
-from lora_core.lora.slots import BASE, DEFAULT, AdapterSlots, AdapterSpec, check_adapter_name
+from lora_core.lora.slots import BASE, DEFAULT, AdapterSpec, HoldsAdapters, check_adapter_name
 
 
 def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
@@ -53,7 +52,7 @@ def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class LoRALinear(HoldsFrozenBase):
+class LoRALinear(HoldsAdapters):
     """A frozen linear map with trainable low-rank updates: ``x ↦ x W₀ᵀ + b + Σ_active s·(drop(x) Aᵀ) Bᵀ``.
 
     Build it with :meth:`from_linear`; ``add_adapter`` adds more named adapters. ``merge()`` folds the active
@@ -95,6 +94,8 @@ class LoRALinear(HoldsFrozenBase):
             raise TypeError(f"LoRALinear adapts nn.Linear or GPT-2 Conv1D modules, got {type(base).__name__}")
         self.in_features, self.out_features = features
         check_bool("fan_in_fan_out", fan_in_fan_out)
+        check_adapter_name(adapter_name)  # every argument is checked before the base is adopted
+        AdapterSpec.checked(r, alpha, dropout, use_rslora, use_dora, max_r=min(features))
         conv1d = is_conv1d(base)
         if fan_in_fan_out != conv1d:
             warnings.warn(
@@ -110,15 +111,7 @@ class LoRALinear(HoldsFrozenBase):
         if isinstance(self.base, DenseBase):
             self._parameters["weight"] = self.base.weight
         self.bias = base.bias  # (out,) or None
-        self._adapter_dtype = adapter_dtype_for(base.weight.dtype)
-
-        self.lora_dropout: nn.Module = nn.Identity()  # the default adapter's (kept for PEFT-like access)
-        self.lora_A = AdapterSlots()  # [name] (r, in)
-        self.lora_B = AdapterSlots()  # [name] (out, r)
-        self.lora_magnitude = AdapterSlots(own_default=False)  # DoRA magnitudes of non-default adapters
-        self.lora_specs: dict[str, AdapterSpec] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
+        self._init_adapters(adapter_dtype_for(base.weight.dtype))  # lora_A, lora_B, lora_specs, ...
         self.disabled = False  # lc.disable_adapter: the base alone
         self.row_adapters: list[str] | None = None  # lc.mixed_adapters: one adapter name per row of x
         self._w0_sqnorm: tuple[tuple[Any, ...], Tensor] | None = None  # DoRA's ‖W₀_i‖², keyed by W₀
@@ -153,84 +146,6 @@ class LoRALinear(HoldsFrozenBase):
         layer.reset_lora_parameters(init, layer.adapter_names()[0])
         return layer
 
-    # ---- the adapters --------------------------------------------------------------------------------------
-    def add_adapter(
-        self, name: str, *, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-        use_dora: bool = False, init: str | None = "default",
-    ) -> None:  # fmt: skip
-        """Add adapter ``name`` (not active: ``active_adapters`` says which run). ``init=None`` leaves its
-        tensors uninitialised (the caller fills them).
-
-        Raises:
-            ValueError: a duplicate or reserved name; ``r`` outside [1, min(in, out)]; bad alpha / dropout.
-            TypeError: a flag that is not a bool.
-        """
-        check_adapter_name(name)
-        if name in self.lora_specs:
-            raise ValueError(f"this layer already has an adapter named {name!r}")
-        for flag_name, flag in (("use_rslora", use_rslora), ("use_dora", use_dora)):
-            check_bool(flag_name, flag)
-        n_in, n_out = self.in_features, self.out_features
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(n_in, n_out):
-            raise ValueError(f"r must be an int in [1, min(in, out) = {min(n_in, n_out)}], got {r!r}")
-        check_alpha("alpha", alpha)  # a finite number > 0 (not a bool, not a string)
-        check_dropout("dropout", dropout)
-        spec = AdapterSpec(r, float(alpha), float(dropout), use_rslora, use_dora)
-        names = self.lora_A.names()
-        device = self.lora_A[names[0]].device if names else self.base.weight.device
-        like = {"device": device, "dtype": self._adapter_dtype}
-        self.lora_A[name] = nn.Parameter(torch.empty(r, n_in, **like))  # type: ignore[arg-type]
-        self.lora_B[name] = nn.Parameter(torch.empty(n_out, r, **like))  # type: ignore[arg-type]
-        if use_dora:
-            m = nn.Parameter(torch.ones(n_out, **like))  # type: ignore[arg-type]
-            if name == DEFAULT:
-                self.lora_magnitude_vector = m
-            else:
-                self.lora_magnitude[name] = m
-        if name == DEFAULT:
-            self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-            self.register_buffer("_dora_merged_norm", None, persistent=False)
-        self.lora_specs[name] = spec
-        if init is not None:
-            self.reset_lora_parameters(init, name)
-
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name``. Raises ValueError when it is unknown, active or merged."""
-        if name not in self.lora_specs:
-            raise ValueError(f"this layer has no adapter {name!r}; it has {self.adapter_names()}")
-        if name in self.active_adapters or name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is active or merged; set another adapter or unmerge first")
-        del self.lora_A[name], self.lora_B[name], self.lora_specs[name]
-        if name in self.lora_magnitude:
-            del self.lora_magnitude[name]
-        if name == DEFAULT:
-            self.lora_dropout = nn.Identity()
-            self._parameters.pop("lora_magnitude_vector", None)
-
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_specs)
-
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        """Adapter ``name``'s Parameters: A, B and (DoRA) the magnitude."""
-        out = [self.lora_A[name], self.lora_B[name]]
-        return out + ([self.magnitude(name)] if self.lora_specs[name].use_dora else [])  # type: ignore[list-item]
-
-    def magnitude(self, name: str) -> Tensor:  # (out,)
-        """DoRA's magnitude of adapter ``name``."""
-        return self.lora_magnitude_vector if name == DEFAULT else self.lora_magnitude[name]
-
-    def _main(self) -> AdapterSpec:
-        specs = self.lora_specs
-        if not specs:
-            raise AttributeError("this LoRALinear holds no adapter")
-        return specs[DEFAULT] if DEFAULT in specs else next(iter(specs.values()))
-
-    r = property(lambda self: self._main().r)
-    lora_alpha = property(lambda self: self._main().alpha)
-    scaling = property(lambda self: self._main().scaling)
-    use_rslora = property(lambda self: self._main().use_rslora)
-    use_dora = property(lambda self: self._main().use_dora)
-
     @property
     def merged(self) -> bool:
         """Whether any adapter is folded into the base weight."""
@@ -239,55 +154,6 @@ class LoRALinear(HoldsFrozenBase):
     def base_weight(self, dtype: torch.dtype | None = None) -> Tensor:  # (out, in)
         """The dense frozen weight ``W₀`` in (out, in) layout (``self.base.dense_weight``)."""
         return self.base.dense_weight(dtype)
-
-    def delta_weight(self, adapter_name: str | None = None) -> Tensor:  # (out, in)
-        """The update ``s · B A`` of the default adapter (or ``adapter_name``), in the adapter's dtype."""
-        name = adapter_name or (DEFAULT if DEFAULT in self.lora_specs else self.adapter_names()[0])
-        s = self.lora_specs[name].scaling
-        return functional.lora_delta_weight_ref(self.lora_A[name], self.lora_B[name], s)
-
-    # ---- adapter initialisation ------------------------------------------------------------------------
-    @torch.no_grad()
-    def reset_lora_parameters(self, init: str = "default", adapter_name: str = DEFAULT) -> None:
-        """Initialise A and B (and DoRA's magnitude) of one adapter.
-
-        Args:
-            init: ``"default"``: A kaiming-uniform (a=√5), B = 0 (LoRA §4.1: the update starts at zero).
-                ``"gaussian"``: A ~ N(0, std=1/r), B = 0 (PEFT's choice). ``"pissa"``: with ``W₀ = U S Vᵀ``,
-                ``B = U_r √(S_r/s)``, ``A = √(S_r/s) V_rᵀ`` so that ``s·BA`` is the best rank-r approximation
-                of W₀, and W₀ becomes the residual ``W₀ − s·BA`` (Meng et al. 2024, "PiSSA", §3); outputs
-                are unchanged up to rounding.
-            adapter_name: which adapter.
-        """
-        a, b, spec = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_specs[adapter_name]
-        if init == "default":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.zeros_(b)
-        elif init == "gaussian":
-            nn.init.normal_(a, std=1.0 / spec.r)
-            nn.init.zeros_(b)
-        elif init == "pissa":
-            self._pissa_init(a, b, spec)
-        else:
-            raise ValueError(f"init must be one of ['default', 'gaussian', 'pissa'], got {init!r}")
-        if spec.use_dora:
-            self.magnitude(adapter_name).copy_(self._dora_norm(adapter_name, a.dtype))
-
-    def _pissa_init(self, a_out: Tensor, b_out: Tensor, spec: AdapterSpec) -> None:
-        w = self.base.dense_weight()
-        w = w.to(torch.promote_types(w.dtype, torch.float32))  # (out, in)
-        u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
-        root = torch.sqrt(s_vals[: spec.r] / spec.scaling)  # (r,)
-        a = root[:, None] * vh[: spec.r]  # (r, in)
-        b = u[:, : spec.r] * root[None, :]  # (out, r)
-        a_out.copy_(a)
-        b_out.copy_(b)
-        self.base.set_dense_weight(w - spec.scaling * (b @ a))
-
-    def _dora_norm(self, name: str, dtype: torch.dtype) -> Tensor:  # (out,)
-        """``‖W₀ + s·BA‖`` per output row for adapter ``name``, in ``dtype``, without gradient (DoRA §4.3)."""
-        a, b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
-        return functional.dora_weight_norm(self.base.dense_weight(dtype), a, b, self.lora_specs[name].scaling)
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
