@@ -378,3 +378,28 @@ def test_mixed_batch_on_an_nf4_base() -> None:
                 lc.set_adapter(model, name)
                 want.append(model(x[i : i + 1]))
     torch.testing.assert_close(mixed, torch.cat(want), atol=1e-5, rtol=1e-5)
+
+
+def test_a_first_adapter_with_another_name_saves_in_its_subfolder(tmp_path: Path) -> None:
+    """As PEFT's ``get_peft_model(..., adapter_name="x")``: keys ``lora_A.x.weight``, files in ``path/x``."""
+    cfg = lc.LoraConfig(r=2, target_modules=["q_proj"], init="gaussian")
+    model = lc.apply_lora(_llama(), cfg, adapter_name="x")
+    assert lc.list_adapters(model) == ["x"] and lc.active_adapters(model) == ["x"]
+    assert "model.layers.0.self_attn.q_proj.lora_A.x.weight" in model.state_dict()
+    _randomize(model, 5)
+    lc.save_adapter(model, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]
+    theirs = peft.PeftModel.from_pretrained(_llama(), tmp_path / "out" / "x", adapter_name="x").eval()
+    torch.testing.assert_close(_logits(model), _logits(theirs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not allowed"):
+        lc.apply_lora(model, lc.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="forward")
+
+
+def test_unload_merges_every_active_adapter(peft_dir: Path) -> None:
+    model = _ours(peft_dir)
+    lc.set_adapter(model, ["default", "fr"])
+    want = _logits(model)
+    plain = lc.unload_lora(model)
+    assert not any(isinstance(m, lc.LoRALinear) for m in plain.modules())
+    assert lc.list_adapters(plain) == []
+    torch.testing.assert_close(_logits(plain), want, atol=1e-5, rtol=1e-5)

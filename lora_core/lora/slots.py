@@ -46,10 +46,10 @@ def check_adapter_name(name: object) -> str:
     """``name`` if it can name an adapter: a non-empty str without dots, not a reserved word."""
     if not isinstance(name, str):
         raise TypeError(f"adapter_name must be a str, got {name!r}")
-    if not name or "." in name or name in _RESERVED or not name.isprintable():
+    if not name or "." in name or name in _RESERVED or not name.isprintable() or hasattr(nn.Module, name):
         raise ValueError(
             f"adapter_name {name!r} is not allowed: use a non-empty name without dots, not one of "
-            f"{sorted(_RESERVED)}"
+            f"{sorted(_RESERVED)} nor an nn.Module attribute"
         )
     return name
 
