@@ -403,3 +403,18 @@ def test_unload_merges_every_active_adapter(peft_dir: Path) -> None:
     assert not any(isinstance(m, lc.LoRALinear) for m in plain.modules())
     assert lc.list_adapters(plain) == []
     torch.testing.assert_close(_logits(plain), want, atol=1e-5, rtol=1e-5)
+
+
+def test_same_seed_same_init_as_peft_for_every_adapter() -> None:
+    """The factors draw the same random numbers as PEFT's nn.Linear-based layers (and as lora_core did
+    before named adapters): seeded runs stay reproducible across the change."""
+    torch.manual_seed(0)
+    ours = lc.apply_lora(nn.Sequential(nn.Linear(16, 12)), lc.LoraConfig(r=4, target_modules=["0"]))
+    lc.apply_lora(ours, lc.LoraConfig(r=2, target_modules=["0"]), adapter_name="b")
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(nn.Sequential(nn.Linear(16, 12)), peft.LoraConfig(r=4, target_modules=["0"]))
+    theirs.add_adapter("b", peft.LoraConfig(r=2, target_modules=["0"]))
+    layer, p_layer = ours[0], theirs.base_model.model[0]
+    for name in ("default", "b"):
+        assert torch.equal(layer.lora_A[name], p_layer.lora_A[name].weight)
+        assert torch.equal(layer.lora_B[name], p_layer.lora_B[name].weight)

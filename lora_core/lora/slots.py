@@ -167,8 +167,9 @@ class HoldsAdapters(HoldsFrozenBase):
         self, name: str, *, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
         use_dora: bool = False, init: str | None = "default",
     ) -> None:  # fmt: skip
-        """Add adapter ``name`` (not active: ``active_adapters`` says which run). ``init=None`` leaves its
-        tensors uninitialised (the caller fills them).
+        """Add adapter ``name`` (not active: ``active_adapters`` says which run). ``init=None`` leaves A and B
+        with ``nn.Linear``'s default init (drawn in every case, as PEFT's layers draw it); the caller then
+        initialises or fills them.
 
         Raises:
             ValueError: a duplicate or reserved name; ``r`` outside [1, min(in, out)]; bad alpha / dropout.
@@ -194,6 +195,9 @@ class HoldsAdapters(HoldsFrozenBase):
             self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
             self.register_buffer("_dora_merged_norm", None, persistent=False)
         self.lora_specs[name] = spec
+        with torch.no_grad():  # nn.Linear's own init first: the factors were nn.Linear layers (PEFT's still
+            nn.init.kaiming_uniform_(self.lora_A[name], a=math.sqrt(5))  # are), so seeded runs draw the
+            nn.init.kaiming_uniform_(self.lora_B[name], a=math.sqrt(5))  # same numbers as before and as PEFT
         if init is not None:
             self.reset_lora_parameters(init, name)
 
