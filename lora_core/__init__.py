@@ -11,9 +11,18 @@ __version__ = "0.1.0"
 from lora_core.dispatch import fused_mode
 from lora_core.inference.sampling import SamplingConfig, generate
 from lora_core.lora.adapters import load_adapter, save_adapter
+from lora_core.lora.combine import add_weighted_adapter
 from lora_core.lora.config import LoraConfig
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
 from lora_core.lora.layer import LoRALinear
+from lora_core.lora.multi import (
+    active_adapters,
+    delete_adapter,
+    disable_adapter,
+    list_adapters,
+    mixed_adapters,
+    set_adapter,
+)
 from lora_core.lora.nf4_linear import nf4_linear
 from lora_core.lora.qlora import NF4Linear, QLoRALinear
 from lora_core.lora.surgery import (
@@ -52,6 +61,14 @@ __all__: list[str] = [
     "trainable_parameters",
     "unload_lora",
     "unmerge_lora",
+    # several adapters in one model (issue 15)
+    "active_adapters",
+    "add_weighted_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "list_adapters",
+    "mixed_adapters",
+    "set_adapter",
     # NF4 quantization and QLoRA
     "NF4Linear",
     "NF4Tensor",

@@ -5,6 +5,9 @@
     fused        one autograd Function per layer (the CUDA path)
     layer        LoRALinear: holds a base and its adapter; qlora: QLoRALinear (an NF4 base)
     config       LoraConfig;  surgery: apply / merge / unmerge / unload;  adapters: PEFT-layout files
+    slots        several named adapters per layer ("default" keeps the single-adapter keys); registry: which
+                 adapters a model holds; multi: set / list / delete / disable / mixed batches; combine:
+                 add_weighted_adapter (PEFT's combination types)
 
 Which path a call takes is decided in ``lora_core.dispatch``.
 """

@@ -12,6 +12,9 @@ A saved adapter is a directory::
                                      base_model.model.<path>.<param>    modules_to_save, other biases
 
 so ``peft.PeftModel.from_pretrained(base, "out/adapter")`` reads it, and adapters PEFT saved load here.
+Several adapters use PEFT's multi-adapter layout: ``"default"`` at the root, any other adapter ``name`` in
+``out/adapter/<name>/`` (the same two files; keys without the adapter name). ``load_adapter(model, path,
+adapter_name=...)`` adds one more adapter to a model that has some.
 Files are read with safetensors only (never pickle). ``save_adapter`` prepares both files in memory, writes
 them into a temporary sibling folder and swaps that in (``lora_core.atomic.atomic_write_dir``): a failure or a
 crash never leaves new weights beside an old config, or a folder without one; other files in the folder
@@ -34,14 +37,9 @@ from torch import nn
 
 from lora_core.atomic import atomic_write_dir
 from lora_core.lora.config import LoraConfig
-from lora_core.lora.layer import linear_features
-from lora_core.lora.surgery import (
-    apply_lora,
-    find_modules_to_save,
-    find_targets,
-    get_lora_config,
-    lora_layers,
-)
+from lora_core.lora.registry import adapter_configs, features_of, lora_layers
+from lora_core.lora.slots import DEFAULT, check_adapter_name
+from lora_core.lora.surgery import apply_lora, find_modules_to_save, find_targets, get_lora_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,21 +50,26 @@ def _is_bias(name: str) -> bool:
     return name == "bias" or name.endswith(".bias")  # apply_lora's rule for bias="all"
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter consists of, keyed as PEFT saves them (without the ``base_model.model.``
-    prefix): LoRA factors, DoRA magnitudes, ``modules_to_save`` parameters and trained biases.
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors adapter ``adapter_name`` (default: the first) consists of, keyed as PEFT saves them
+    (without the ``base_model.model.`` prefix and the adapter name): LoRA factors, DoRA magnitudes,
+    ``modules_to_save`` parameters and trained biases.
 
     A trained bias of an adapted layer is ``<path>.base_layer.bias``: in PEFT that layer wraps the original
     module as ``base_layer`` (PEFT would drop a ``<path>.bias`` silently and add no bias of ours)."""
-    cfg = get_lora_config(model)
+    configs = adapter_configs(model)
+    name = adapter_name if adapter_name is not None else next(iter(configs), DEFAULT)
+    cfg = configs[name] if name in configs else get_lora_config(model)  # get_lora_config raises
     out: dict[str, torch.Tensor] = {}
     adapted = set()
     for path, layer in lora_layers(model):
+        if name not in layer.lora_specs:
+            continue
         pre = f"{path}." if path else ""
-        out[f"{pre}lora_A.weight"] = layer.lora_A.weight
-        out[f"{pre}lora_B.weight"] = layer.lora_B.weight
-        if layer.use_dora:
-            out[f"{pre}lora_magnitude_vector"] = layer.lora_magnitude_vector
+        out[f"{pre}lora_A.weight"] = layer.lora_A[name]
+        out[f"{pre}lora_B.weight"] = layer.lora_B[name]
+        if layer.lora_specs[name].use_dora:
+            out[f"{pre}lora_magnitude_vector"] = layer.magnitude(name)
         if cfg.bias != "none" and layer.bias is not None:
             out[f"{pre}base_layer.bias"] = layer.bias
         adapted.add(f"{pre}bias")
@@ -89,10 +92,12 @@ def _name_or_path(value: object) -> str | None:
 def save_adapter(
     model: nn.Module,
     path: str | os.PathLike[str],
+    adapter_names: list[str] | None = None,
     *,
     base_model_name_or_path: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write the adapter of ``model`` to the directory ``path`` (created if needed) in PEFT's layout.
+    """Write the adapters of ``model`` (all, or ``adapter_names``) to the directory ``path`` (created if
+    needed) in PEFT's layout: ``"default"`` at ``path``, any other adapter in ``path/<name>/``.
 
     Atomic per adapter: the config and the tensors are validated and prepared first, both files are written
     into a temporary sibling folder, which then replaces ``path``. Any failure (a bad argument, a full disk)
@@ -102,6 +107,7 @@ def save_adapter(
     Args:
         model: a model that went through ``apply_lora`` or ``load_adapter`` (merged or not).
         path: the adapter directory.
+        adapter_names: which adapters (default: every adapter of the model).
         base_model_name_or_path: recorded in ``adapter_config.json`` (PEFT uses it to find the base);
             default: the config's own.
 
@@ -111,7 +117,8 @@ def save_adapter(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``path`` is not a str or path;
             ``base_model_name_or_path`` (the argument or the config's) is not a str, a path or None.
-        ValueError: the model has no LoRA layers; ``path`` exists and is not a directory.
+        ValueError: the model has no LoRA layers; an unknown adapter name; ``path`` exists and is not a
+            directory.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -120,7 +127,29 @@ def save_adapter(
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"path {str(directory)!r} exists and is not a directory")
-    cfg = get_lora_config(model)
+    get_lora_config(model)  # no LoRA layers: raises
+    configs = adapter_configs(model)
+    names = list(configs) if adapter_names is None else list(adapter_names)
+    unknown = [n for n in names if n not in configs]
+    if unknown or not names:
+        raise ValueError(f"save_adapter: no adapter named {unknown or names}; the model has {list(configs)}")
+    prepared = [_prepare(model, n, configs[n], base_model_name_or_path) for n in names]
+    for adapter_name, (text, tensors) in sorted(zip(names, prepared), key=lambda item: item[0] != DEFAULT):
+
+        def fill(tmp: Path, text: str = text, tensors: dict[str, torch.Tensor] = tensors) -> None:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+
+        target = directory if adapter_name == DEFAULT else directory / adapter_name
+        atomic_write_dir(target, fill, keep_other_files=True)  # the root first: it keeps the subfolders
+    return directory
+
+
+def _prepare(
+    model: nn.Module, adapter_name: str, cfg: LoraConfig,
+    base_model_name_or_path: str | os.PathLike[str] | None,
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """``adapter_config.json``'s text and the tensors to write for one adapter (everything checked)."""
     name = _name_or_path(
         cfg.base_model_name_or_path if base_model_name_or_path is None else base_model_name_or_path
     )
@@ -131,15 +160,10 @@ def save_adapter(
         raise TypeError(f"the adapter config cannot be written as JSON: {err}") from None
     # clone: safetensors refuses tensors that share storage (e.g. tied weights in modules_to_save)
     tensors = {
-        PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()
+        PREFIX + k: v.detach().to("cpu").contiguous().clone()
+        for k, v in adapter_state_dict(model, adapter_name).items()
     }
-
-    def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
-
-    atomic_write_dir(directory, fill, keep_other_files=True)
-    return directory
+    return text, tensors
 
 
 def read_adapter(
@@ -183,7 +207,7 @@ def _expected_tensors(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int,
     modules = dict(model.named_modules())
     expected: dict[str, tuple[int, ...]] = {}
     for path in find_targets(model, cfg):
-        n_in, n_out = linear_features(modules[path])  # type: ignore[misc]
+        n_in, n_out = features_of(modules[path])  # type: ignore[misc]
         r, _ = cfg.rank_and_alpha(path)
         if r > min(n_in, n_out):
             raise ValueError(f"r={r} is larger than min(in, out)={min(n_in, n_out)} of module {path!r}")
@@ -233,12 +257,14 @@ def load_adapter(
     model: nn.Module,
     path: str | os.PathLike[str],
     *,
+    adapter_name: str = DEFAULT,
     is_trainable: bool = False,
     quantize: str = "none",
     quant_block_size: int = 64,
     double_quant: bool = True,
 ) -> nn.Module:
-    """Apply the adapter saved at ``path`` to ``model`` (a base model without LoRA), in place.
+    """Apply the adapter saved at ``path`` to ``model`` in place: to a base model, or next to the adapters
+    ``model`` has (as adapter ``adapter_name``, inactive until ``lc.set_adapter``; PEFT's ``load_adapter``).
 
     Everything is checked before the model changes. A PiSSA adapter re-runs PiSSA's SVD on the base (as
     PEFT does), so the base must be the same model the adapter was trained from.
@@ -246,8 +272,9 @@ def load_adapter(
     Args:
         model: the base model.
         path: an adapter directory (``save_adapter``'s or PEFT's ``save_pretrained``'s).
-        is_trainable: keep the adapter trainable; otherwise (PEFT's default) everything is frozen and the
-            model is put in eval mode.
+        adapter_name: the name the adapter gets in ``model``.
+        is_trainable: keep the adapter trainable; otherwise (PEFT's default) it is frozen (a first adapter:
+            the whole model) and the model is put in eval mode.
         quantize, quant_block_size, double_quant: how to store the base (``LoraConfig`` fields that are not
             part of an adapter).
 
@@ -257,17 +284,23 @@ def load_adapter(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``path`` is not a str or path.
         FileNotFoundError: the directory or one of its two files is missing.
-        ValueError: a file that is not UTF-8 JSON / safetensors; bad config; the model already has LoRA
-            layers; a target that does not exist; a tensor missing, unexpected, of the wrong shape or
-            dtype, or holding NaN/inf (the first such key is named).
+        ValueError: a file that is not UTF-8 JSON / safetensors; bad config; the model has an adapter named
+            ``adapter_name`` already; a target that does not exist; a tensor missing, unexpected, of the wrong
+            shape or dtype, or holding NaN/inf (the first such key is named).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg, tensors = read_adapter(
         path, quantize=quantize, quant_block_size=quant_block_size, double_quant=double_quant
     )
-    if any(True for _ in lora_layers(model)):
-        raise ValueError("the model already has LoRA layers; load the adapter into a fresh base model")
+    check_adapter_name(adapter_name)
+    existing = adapter_configs(model)
+    if adapter_name in existing:
+        raise ValueError(
+            f"the model already has LoRA layers with an adapter named {adapter_name!r} "
+            f"(adapters: {list(existing)}); "
+            "load it under another adapter_name"
+        )
     expected = _expected_tensors(model, cfg)
     optional = _optional_tensors(model, cfg, expected)
     params = dict(model.named_parameters())
@@ -303,12 +336,26 @@ def load_adapter(
         raise ValueError(f"adapter has no tensor {missing[0]!r} (and {len(missing) - 1} more missing)")
 
     # Validated: now change the model.
-    model = apply_lora(model, cfg)
+    model = apply_lora(model, cfg, adapter_name=adapter_name)
     current = dict(model.named_parameters())
     with torch.no_grad():
         for name, (_, tensor) in writes.items():
+            name = _param_name(name, adapter_name)
             current[name].copy_(tensor.to(device=current[name].device))
     if not is_trainable:
-        model.requires_grad_(False)
+        if not existing:
+            model.requires_grad_(False)
         model.eval()
     return model
+
+
+def _param_name(key: str, adapter_name: str) -> str:
+    """The model's parameter for a saved key: ``<path>.lora_A.weight`` is ``<path>.lora_A.<name>.weight``
+    for an adapter other than ``"default"`` (DoRA: ``<path>.lora_magnitude.<name>.weight``)."""
+    if adapter_name == DEFAULT:
+        return key
+    for leaf, slot in (("lora_A.weight", "lora_A"), ("lora_B.weight", "lora_B"),
+                       ("lora_magnitude_vector", "lora_magnitude")):  # fmt: skip
+        if key == leaf or key.endswith("." + leaf):
+            return f"{key[: len(key) - len(leaf)]}{slot}.{adapter_name}.weight"
+    return key

@@ -139,3 +139,42 @@ def dora_merged_weight_ref(
 ) -> Tensor:
     """``W' = m · (W + s·B A) / ‖W + s·B A‖_row``: the dense weight a merged DoRA layer holds. (out, in)"""
     return merged_weight(weight, lora_A, lora_B, scaling, magnitude)[0]
+
+
+# ---- several adapters folded into one weight -------------------------------------------------------------
+def merged_weight_sum(
+    weight: Tensor,  # (out, in): W₀
+    adapters: list[tuple[Tensor, Tensor, float, Tensor | None]],  # (A (r, in), B (out, r), s, DoRA m | None)
+) -> tuple[Tensor, list[Tensor | None]]:
+    """``W₀ + Σᵢ (merged_weight(W₀, i) − W₀)``: each adapter's change against the same W₀, as a forward
+    with them all active adds them; and each DoRA adapter's row norm (None for LoRA). One adapter: exactly
+    `merged_weight`."""
+    if len(adapters) == 1:
+        w, norm = merged_weight(weight, *adapters[0])
+        return w, [norm]
+    w, norms = weight, []
+    for a, b, s, m in adapters:
+        wi, norm = merged_weight(weight, a, b, s, m)
+        w, norms = w + (wi - weight), [*norms, norm]
+    return w, norms
+
+
+def unmerged_weight_sum(
+    merged: Tensor,  # (out, in)
+    adapters: list[tuple[Tensor, Tensor, float, Tensor | None]],
+    norms: list[Tensor | None],  # what `merged_weight_sum` returned
+) -> Tensor:  # (out, in)
+    """``W₀`` back from `merged_weight_sum`, row-wise: with ``gᵢ = mᵢ / normᵢ`` (1 for LoRA),
+    ``W' = W₀ ⊙ (1 + Σᵢ (gᵢ − 1)) + Σᵢ gᵢ ⊙ sᵢBᵢAᵢ``,
+    so ``W₀ = (W' − Σᵢ gᵢ ⊙ sᵢBᵢAᵢ) / (1 + Σᵢ (gᵢ − 1))``."""
+    if len(adapters) == 1:
+        return unmerged_weight(merged, *adapters[0], norms[0])
+    w = merged
+    scale = torch.ones(merged.shape[0], dtype=merged.dtype, device=merged.device)  # (out,)
+    for (a, b, s, m), norm in zip(adapters, norms):
+        if m is not None and norm is None:
+            raise ValueError("unmerging DoRA needs the row norm merged_weight returned")
+        g = m.to(merged.dtype) / norm if m is not None else torch.ones_like(scale)  # type: ignore[operator]
+        w = w - g[:, None] * lora_delta_weight_ref(a, b, s).to(merged.dtype)
+        scale = scale + (g - 1)
+    return w / scale[:, None]

@@ -10,7 +10,12 @@ QLoRA) and the adapter; it never reaches into the weight itself::
 
     LoRALinear ─┬─ base: DenseBase | NF4Base     x W₀ᵀ + b, products for the fused path, W₀ on request
                 ├─ bias (out,)                   the base module's own Parameter
-                └─ lora_A (r, in), lora_B (out, r), lora_magnitude_vector (out,) DoRA, lora_dropout
+                └─ adapters, by name (``lora_core.lora.slots``): lora_A[name] (r, in), lora_B[name] (out, r),
+                   DoRA's magnitude (out,), lora_specs[name] (r, alpha, dropout, rsLoRA, DoRA)
+
+Several adapters: ``active_adapters`` (a list, set by ``lc.set_adapter``) is read once per call; one active
+adapter runs exactly as a single-adapter layer always did (fused on CUDA), several add their updates on the
+reference path, and a mixed batch (``lc.mixed_adapters``) gives each row of the batch its own adapter.
 
 Each call goes one of two ways, as ``lora_core.dispatch.plan_lora`` decides: the fused autograd Function
 (``lora_core.lora.fused``; CUDA) or the reference formula (``lora_core.lora.functional``; everywhere
@@ -18,24 +23,27 @@ else). Merging uses one pure function, ``functional.merged_weight``, for `merge`
 
 State-dict keys stay where the base module had them: ``weight`` (stored as the base stored it: (out, in)
 for ``nn.Linear``, (in, out) for GPT-2's ``Conv1D``; NF4 bases use bitsandbytes' keys) and ``bias``; the
-adapter adds ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r) and, for DoRA,
-``lora_magnitude_vector`` (out,) — PEFT's saved names.
+adapter ``"default"`` adds ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r) and, for DoRA,
+``lora_magnitude_vector`` (out,) — PEFT's saved names; another adapter ``name`` adds
+``lora_A.<name>.weight``, ``lora_B.<name>.weight`` (PEFT's in-memory keys) and
+``lora_magnitude.<name>.weight``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_core import dispatch
 from lora_core.lora import functional
-from lora_core.lora.bases import DenseBase, FrozenBase, HoldsFrozenBase, NF4Base, is_conv1d, linear_features
-from lora_core.lora.config import check_alpha, check_bool, check_dropout
+from lora_core.lora.bases import DenseBase, FrozenBase, NF4Base, is_conv1d, linear_features
+from lora_core.lora.config import check_bool
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
+from lora_core.lora.slots import BASE, DEFAULT, AdapterSpec, HoldsAdapters, check_adapter_name
 
 
 def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
@@ -44,11 +52,13 @@ def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class LoRALinear(HoldsFrozenBase):
-    """A frozen linear map with a trainable low-rank update: ``x ↦ x W₀ᵀ + b + s·(drop(x) Aᵀ) Bᵀ``.
+class LoRALinear(HoldsAdapters):
+    """A frozen linear map with trainable low-rank updates: ``x ↦ x W₀ᵀ + b + Σ_active s·(drop(x) Aᵀ) Bᵀ``.
 
-    Build it with :meth:`from_linear`. ``merge()`` folds ``s·BA`` (or DoRA's rescaled weight) into the
-    base weight for inference; ``unmerge()`` takes it out again; ``unload()`` returns the plain module.
+    Build it with :meth:`from_linear`; ``add_adapter`` adds more named adapters. ``merge()`` folds the active
+    adapters' ``s·BA`` (or DoRA's rescaled weight) into the base weight; ``unmerge()`` takes them out
+    again; ``unload()`` returns the plain module. ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` and
+    ``use_dora`` describe the adapter called ``"default"`` (or, without one, the first adapter).
 
     Args:
         base: the ``nn.Linear`` or GPT-2 ``Conv1D`` to adapt; its weight and bias Parameters are adopted
@@ -62,6 +72,7 @@ class LoRALinear(HoldsFrozenBase):
             warning) when it contradicts the module type, as PEFT does.
         frozen: the frozen base to hold instead of ``base``'s dense weight (e.g. an `NF4Base`; that is all
             `QLoRALinear` changes).
+        adapter_name: the name of this first adapter (``"default"``: the keys a single-adapter layer has).
     """
 
     def __init__(
@@ -75,18 +86,16 @@ class LoRALinear(HoldsFrozenBase):
         use_dora: bool = False,
         fan_in_fan_out: bool = False,
         frozen: FrozenBase | None = None,
+        adapter_name: str = DEFAULT,
     ) -> None:
         super().__init__()
         features = linear_features(base)
         if features is None:
             raise TypeError(f"LoRALinear adapts nn.Linear or GPT-2 Conv1D modules, got {type(base).__name__}")
-        in_features, out_features = features
-        for name, flag in (
-            ("use_rslora", use_rslora),
-            ("use_dora", use_dora),
-            ("fan_in_fan_out", fan_in_fan_out),
-        ):
-            check_bool(name, flag)
+        self.in_features, self.out_features = features
+        check_bool("fan_in_fan_out", fan_in_fan_out)
+        check_adapter_name(adapter_name)  # every argument is checked before the base is adopted
+        AdapterSpec.checked(r, alpha, dropout, use_rslora, use_dora, max_r=min(features))
         conv1d = is_conv1d(base)
         if fan_in_fan_out != conv1d:
             warnings.warn(
@@ -94,18 +103,7 @@ class LoRALinear(HoldsFrozenBase):
                 stacklevel=3,
             )
             fan_in_fan_out = conv1d
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(in_features, out_features):
-            raise ValueError(
-                f"r must be an int in [1, min(in, out) = {min(in_features, out_features)}], got {r!r}"
-            )
-        check_alpha("alpha", alpha)  # a finite number > 0 (not a bool, not a string)
-        check_dropout("dropout", dropout)
-
-        self.in_features, self.out_features = in_features, out_features
-        self.r, self.lora_alpha = r, float(alpha)
-        self.use_rslora, self.use_dora, self.fan_in_fan_out = use_rslora, use_dora, fan_in_fan_out
-        self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.merged = False
+        self.fan_in_fan_out = fan_in_fan_out
 
         # The frozen base. A dense one keeps the module's own Parameter, registered here under `weight`
         # (directly: `weight` is a property showing base.weight), so its key and every reference survive.
@@ -113,16 +111,15 @@ class LoRALinear(HoldsFrozenBase):
         if isinstance(self.base, DenseBase):
             self._parameters["weight"] = self.base.weight
         self.bias = base.bias  # (out,) or None
-
-        dtype = adapter_dtype_for(base.weight.dtype)
-        device = base.weight.device
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)  # weight (r, in)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)  # weight (out, r)
-        if use_dora:
-            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
-        self.register_buffer("_dora_merged_norm", None, persistent=False)
+        self._init_adapters(adapter_dtype_for(base.weight.dtype))  # lora_A, lora_B, lora_specs, ...
+        self.disabled = False  # lc.disable_adapter: the base alone
+        self.row_adapters: list[str] | None = None  # lc.mixed_adapters: one adapter name per row of x
         self._w0_sqnorm: tuple[tuple[Any, ...], Tensor] | None = None  # DoRA's ‖W₀_i‖², keyed by W₀
+        self.add_adapter(
+            adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
+            init=None,
+        )  # fmt: skip
+        self.active_adapters = [adapter_name]
         # Take over the base's mode: a layer put into an eval model must not start applying dropout.
         self.train(base.training)
 
@@ -146,94 +143,83 @@ class LoRALinear(HoldsFrozenBase):
             base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
             fan_in_fan_out=fan_in_fan_out, **kwargs,
         )  # fmt: skip
-        layer.reset_lora_parameters(init)
+        layer.reset_lora_parameters(init, layer.adapter_names()[0])
         return layer
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is folded into the base weight."""
+        return bool(self.merged_adapters)
 
     def base_weight(self, dtype: torch.dtype | None = None) -> Tensor:  # (out, in)
         """The dense frozen weight ``W₀`` in (out, in) layout (``self.base.dense_weight``)."""
         return self.base.dense_weight(dtype)
 
-    def delta_weight(self) -> Tensor:  # (out, in)
-        """The low-rank update ``s · B A`` in the adapter's dtype."""
-        return functional.lora_delta_weight_ref(self.lora_A.weight, self.lora_B.weight, self.scaling)
-
-    # ---- adapter initialisation ------------------------------------------------------------------------
-    @torch.no_grad()
-    def reset_lora_parameters(self, init: str = "default") -> None:
-        """Initialise A and B (and DoRA's magnitude).
-
-        Args:
-            init: ``"default"``: A kaiming-uniform (a=√5), B = 0 (LoRA §4.1: the update starts at zero).
-                ``"gaussian"``: A ~ N(0, std=1/r), B = 0 (PEFT's choice). ``"pissa"``: with ``W₀ = U S Vᵀ``,
-                ``B = U_r √(S_r/s)``, ``A = √(S_r/s) V_rᵀ`` so that ``s·BA`` is the best rank-r approximation
-                of W₀, and W₀ becomes the residual ``W₀ − s·BA`` (Meng et al. 2024, "PiSSA", §3); outputs
-                are unchanged up to rounding.
-        """
-        if init == "default":
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-            nn.init.zeros_(self.lora_B.weight)
-        elif init == "pissa":
-            self._pissa_init()
-        else:
-            raise ValueError(f"init must be one of ['default', 'gaussian', 'pissa'], got {init!r}")
-        if self.use_dora:
-            self.lora_magnitude_vector.copy_(self._dora_norm(self.lora_A.weight.dtype))
-
-    def _pissa_init(self) -> None:
-        w = self.base.dense_weight()
-        w = w.to(torch.promote_types(w.dtype, torch.float32))  # (out, in)
-        u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
-        root = torch.sqrt(s_vals[: self.r] / self.scaling)  # (r,)
-        a = root[:, None] * vh[: self.r]  # (r, in)
-        b = u[:, : self.r] * root[None, :]  # (out, r)
-        self.lora_A.weight.copy_(a)
-        self.lora_B.weight.copy_(b)
-        self.base.set_dense_weight(w - self.scaling * (b @ a))
-
-    def _dora_norm(self, dtype: torch.dtype) -> Tensor:  # (out,)
-        """``‖W₀ + s·BA‖`` per output row, in ``dtype``, without gradient (DoRA §4.3)."""
-        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
-        return functional.dora_weight_norm(self.base.dense_weight(dtype), a, b, self.scaling)
-
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        plan = dispatch.plan_lora(self, x)
-        if plan.path == "fused":
-            return self._fused_forward(x, plan.dtype)
+        if self.row_adapters is not None and not self.disabled and not self.merged:
+            return self._mixed_forward(x, self.row_adapters)
+        off = self.disabled or self.merged  # merged: the base holds them
+        active = [] if off else [n for n in self.active_adapters if n in self.lora_specs]  # once per call
+        if len(active) == 1:  # one adapter: the fused Function where dispatch says so
+            plan = dispatch.plan_lora(self, x)
+            if plan.path == "fused":
+                return self._fused_forward(x, plan.dtype, active[0])
         result = self.base.forward(x, self.bias)  # (..., out)
-        if self.merged:
+        if not active:
             return result
-        xa = x.to(self.lora_A.weight.dtype)  # adapters may be float32 over a half-precision base
-        a, b = self.lora_A.weight, self.lora_B.weight
-        if not self.use_dora:
-            lora = functional.lora_update(self.lora_dropout(xa), a, b, self.scaling)  # (..., out)
-            return (result + lora).to(result.dtype)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+        out = result
+        for name in active:  # several active adapters add their updates (PEFT's rule)
+            out = out + self._update(name, x, result)
+        return out.to(result.dtype)
+
+    def _update(self, name: str, x: Tensor, result: Tensor) -> Tensor:  # (..., out), the adapter's dtype
+        """Adapter ``name``'s additive term for input ``x`` whose base output (with bias) is ``result``."""
+        spec = self.lora_specs[name]
+        a, b = self.lora_A[name], self.lora_B[name]
+        xa = x.to(a.dtype)  # adapters may be float32 over a half-precision base
+        p = spec.dropout if self.training else 0.0
+        if not spec.use_dora:
+            return functional.lora_update(F.dropout(xa, p) if p else xa, a, b, spec.scaling)
+        if not p:
             xd = xa
             base_xd = result if self.bias is None else result - self.bias  # x W₀ᵀ, reused
         else:  # dropout changes the input, so W₀'s share must be recomputed on drop(x)
-            xd = self.lora_dropout(xa)
+            xd = F.dropout(xa, p)
             base_xd = self.base.forward(xd.to(x.dtype), None).to(xd.dtype)
-        norm = self._dora_norm(xa.dtype)
-        dora = functional.dora_update(xd, base_xd, a, b, self.lora_magnitude_vector, norm, self.scaling)
-        return (result + dora).to(result.dtype)
+        norm = self._dora_norm(name, xa.dtype)
+        return functional.dora_update(xd, base_xd, a, b, self.magnitude(name), norm, spec.scaling)
 
-    def _fused_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def _mixed_forward(self, x: Tensor, names: list[str]) -> Tensor:
+        """Row ``i`` of ``x`` (dim 0) through adapter ``names[i]`` alone (``"__base__"``: none): the base
+        once for the whole batch, then each adapter's update on its rows, added with ``index_add``."""
+        if x.dim() < 2 or x.shape[0] != len(names):
+            raise ValueError(
+                f"mixed_adapters got {len(names)} adapter names for an input of shape {tuple(x.shape)}; "
+                "give one name per row (dim 0) of the batch"
+            )
+        result = self.base.forward(x, self.bias)  # (B, ..., out)
+        out = result.to(torch.promote_types(result.dtype, self._adapter_dtype))
+        for name in dict.fromkeys(names):
+            if name == BASE or name not in self.lora_specs:  # an adapter this layer lacks: the base alone
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            out = out.index_add(0, rows, self._update(name, x[rows], result[rows]).to(out.dtype))
+        return out.to(result.dtype)
+
+    def _fused_forward(self, x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
         """The fused Function in ``dtype`` (x's, or autocast's: the inputs are cast as autocast would cast
         them, and the Function runs with autocast off, computing exactly in that dtype)."""
         base = self.base.cast(dtype)
-        drop = self.lora_dropout
-        p = float(drop.p) if self.training and isinstance(drop, nn.Dropout) else 0.0
-        a, b = self.lora_A.weight, self.lora_B.weight
+        spec = self.lora_specs[name]
+        p = spec.dropout if self.training else 0.0
+        a, b = self.lora_A[name], self.lora_B[name]
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
-            if not self.use_dora:
-                return fused_lora_linear(x, base, a, b, self.bias, scaling=self.scaling, dropout=p)
+            if not spec.use_dora:
+                return fused_lora_linear(x, base, a, b, self.bias, scaling=spec.scaling, dropout=p)
             return fused_dora_linear(
-                x, base, a, b, self.lora_magnitude_vector, self.bias, scaling=self.scaling, dropout=p,
+                x, base, a, b, self.magnitude(name), self.bias, scaling=spec.scaling, dropout=p,
                 w0_sqnorm=self._cached_w0_sqnorm(),
             )  # fmt: skip
 
@@ -246,12 +232,32 @@ class LoRALinear(HoldsFrozenBase):
         return self._w0_sqnorm[1]
 
     # ---- merge / unmerge / unload ----------------------------------------------------------------------
-    def _merged(self) -> tuple[Tensor, Tensor | None]:
-        """``functional.merged_weight`` of this layer, in float32 or wider: (W' (out, in), DoRA's norm)."""
+    def _dense(self) -> Tensor:  # (out, in), float32 or wider
+        w = self.base.dense_weight()
+        return w.to(torch.promote_types(w.dtype, torch.float32))
+
+    def _factors(self, name: str) -> tuple[Tensor, Tensor, float, Tensor | None]:
+        """``(A, B, s, m)`` of adapter ``name`` (``m``: DoRA's magnitude, or None)."""
+        spec = self.lora_specs[name]
+        m = self.magnitude(name) if spec.use_dora else None
+        return self.lora_A[name], self.lora_B[name], spec.scaling, m
+
+    def _merged(self, names: list[str], w0: Tensor | None = None) -> tuple[Tensor, list[Tensor | None]]:
+        """``W₀`` (the base's, or ``w0``) with the adapters ``names`` folded in, in float32 or wider, and each
+        DoRA adapter's row norm (``functional.merged_weight_sum``: what the forward computes with them all
+        active; PEFT folds one after the other, which differs for DoRA)."""
+        if w0 is None:
+            w0 = self.base.dense_weight()
+            w0 = w0.to(torch.promote_types(w0.dtype, torch.float32))
+        return functional.merged_weight_sum(w0, [self._factors(n) for n in names])
+
+    def _unmerged(self) -> Tensor:  # (out, in), float32 or wider
+        """``W₀`` back from the merged base weight (exact up to float rounding)."""
         w = self.base.dense_weight()
         w = w.to(torch.promote_types(w.dtype, torch.float32))
-        m = self.lora_magnitude_vector if self.use_dora else None
-        return functional.merged_weight(w, self.lora_A.weight, self.lora_B.weight, self.scaling, m)
+        names = self.merged_adapters
+        factors, norms = [self._factors(n) for n in names], [self._norm(n) for n in names]
+        return functional.unmerged_weight_sum(w, factors, norms)
 
     def _store(self, w: Tensor, what: str) -> None:
         """Write ``w`` into the base; a base that cannot hold it exactly (NF4) reports the error: warn."""
@@ -266,39 +272,55 @@ class LoRALinear(HoldsFrozenBase):
             )
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into the base weight: ``W₀ ← W₀ + s·BA`` (DoRA: ``m ⊙ (W₀ + s·BA)/‖·‖_row``).
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters into the base weight: ``W₀ ← W₀ + s·BA`` (DoRA: ``m ⊙ (W₀ + s·BA)/‖·‖_row``), the
+        active ones or ``adapter_names`` (several: see ``_merged``).
 
         Raises:
-            ValueError: already merged.
+            ValueError: already merged (nothing left to merge); an adapter this layer does not have.
         """
-        if self.merged:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        unknown = [n for n in names if n not in self.lora_specs]
+        if unknown:
+            raise ValueError(f"this layer has no adapter {unknown}; it has {self.adapter_names()}")
+        todo = [n for n in names if n not in self.merged_adapters]
+        if not todo:
             raise ValueError("this LoRALinear is already merged; call unmerge() first")
-        w, self._dora_merged_norm = self._merged()
+        w0 = self._unmerged() if self.merged else None  # merging more: fold them all into W₀ again
+        names = self.merged_adapters + todo
+        w, norms = self._merged(names, w0)
         self._store(w, "merging into")
-        self.merged = True
+        for name, norm in zip(names, norms):
+            self.register_buffer(self._norm_buffer(name), norm, persistent=False)
+        self.merged_adapters = names
+
+    @staticmethod
+    def _norm_buffer(name: str) -> str:
+        return "_dora_merged_norm" if name == DEFAULT else f"_dora_merged_norm__{name}"
+
+    def _norm(self, name: str) -> Tensor | None:  # (out,): DoRA's row norm recorded by merge
+        return getattr(self, self._norm_buffer(name), None)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the adapter out of the base weight again (exact up to float rounding for a dense base).
+        """Take the merged adapters out of the base weight again (exact up to float rounding for a dense
+        base).
 
         Raises:
             ValueError: not merged.
         """
         if not self.merged:
             raise ValueError("this LoRALinear is not merged; nothing to unmerge")
-        w = self.base.dense_weight()
-        w = w.to(torch.promote_types(w.dtype, torch.float32))
-        m = self.lora_magnitude_vector if self.use_dora else None
-        a, b = self.lora_A.weight, self.lora_B.weight
-        w0 = functional.unmerged_weight(w, a, b, self.scaling, m, self._dora_merged_norm)
-        self._dora_merged_norm = None
-        self._store(w0, "unmerging from")
-        self.merged = False
+        w = self._unmerged()
+        for name in self.merged_adapters:
+            setattr(self, self._norm_buffer(name), None)
+        self._store(w, "unmerging from")
+        self.merged_adapters = []
 
     @torch.no_grad()
     def unload(self, dequantize: bool = False) -> nn.Module:
-        """The plain module (the base's own class) holding the merged weight; the adapter is dropped.
+        """The plain module (the base's own class) holding the merged weight (the active adapters); the
+        adapters are dropped.
 
         A dense base merges in place and hands its Parameter to the plain module. An NF4 base gives, with
         ``dequantize=True``, a dense module holding ``dequant(W) + s·BA`` exactly (`functional.merged_weight`,
@@ -307,8 +329,9 @@ class LoRALinear(HoldsFrozenBase):
         ``dequant`` of what the base holds and warns with the recorded error.
         """
         exact_dense = dequantize and isinstance(self.base, NF4Base)
+        active = [n for n in self.active_adapters if n in self.lora_specs]
         if exact_dense and not self.merged:
-            weight: Tensor | None = self._merged()[0]
+            weight: Tensor | None = self._merged(active)[0]
         elif exact_dense:
             err = self.base.requantization_error
             err_text = "unknown" if err is None else f"{err:.3g}"
@@ -321,17 +344,18 @@ class LoRALinear(HoldsFrozenBase):
             )
             weight = self.base.dense_weight()
         else:
-            if not self.merged:
-                self.merge()
+            if not self.merged and active:
+                self.merge(active)
             weight = None  # the base as it is stored now
         return self.base.plain_module(weight, self.bias, self.training)
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.use_dora else "LoRA"
+        names = "" if self.adapter_names() == [DEFAULT] else f", adapters={self.adapter_names()}"
         return (
             f"{kind}: in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.lora_alpha:g}, scaling={self.scaling:.4g}, fan_in_fan_out={self.fan_in_fan_out}, "
-            f"merged={self.merged}, base={type(self.base).__name__}"
+            f"merged={self.merged}, base={type(self.base).__name__}{names}"
         )
 
 

@@ -32,16 +32,18 @@ class QLoRALinear(LoRALinear):
         base, r, alpha, dropout, use_rslora, use_dora, fan_in_fan_out: as in ``LoRALinear``.
         quant_block_size: NF4 block size, a power of two in [16, 4096] (QLoRA: 64).
         double_quant: quantize the block scales too (QLoRA §3, "Double Quantization").
+        adapter_name: the first adapter's name, as in ``LoRALinear``.
     """
 
     def __init__(
         self, base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
         use_dora: bool = False, fan_in_fan_out: bool = False, quant_block_size: int = 64,
-        double_quant: bool = True,
+        double_quant: bool = True, adapter_name: str = "default",
     ) -> None:  # fmt: skip
         super().__init__(
             base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
             fan_in_fan_out=fan_in_fan_out, frozen=NF4Base.quantize(base, quant_block_size, double_quant),
+            adapter_name=adapter_name,
         )  # fmt: skip
 
     @property

@@ -1,6 +1,7 @@
 """Model surgery: put LoRA layers into any ``nn.Module``, fold them in, take them out.
 
-    apply_lora(model, cfg)   every target Linear/Conv1D → LoRALinear (in place); base frozen
+    apply_lora(model, cfg)   every target Linear/Conv1D → LoRALinear (in place); base frozen; on a model
+                             that has adapters already, adds adapter ``adapter_name`` next to them
     merge_lora / unmerge_lora    W₀ ⇄ W₀ + s·BA in every layer not yet / already merged (exact up to rounding)
     unload_lora(model)           merged, adapters gone: the plain modules again
     trainable_parameters(model)  how much of the model trains
@@ -8,25 +9,35 @@
 Targets are matched by module path, as PEFT does: a list of names matches a path equal to a name or ending
 in ``.<name>``; a string is a regex matched against the whole path; ``"all-linear"`` takes every linear
 layer except the output head. Everything is validated before the first module is replaced, so a failed
-call leaves the model as it was. The config is kept on the model (``model._lora_config``) for
-``save_adapter``.
+call leaves the model as it was. The configs are kept on the model (``model._lora_configs``, by adapter
+name, and ``model._lora_config``, the first one's) for ``save_adapter``; ``model._lora_active`` lists the
+active adapters (``lora_core.lora.multi`` switches them).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lora_core.lora.config import TASK_MODULES_TO_SAVE, LoraConfig
-from lora_core.lora.layer import LoRALinear, linear_features
+from lora_core.lora.layer import LoRALinear
+from lora_core.lora.registry import (
+    _ACTIVE_ATTR,
+    _CONFIG_ATTR,
+    _CONFIGS_ATTR,
+    adapter_configs,
+    add_model_adapter,
+    features_of,
+    lora_layers,
+    replace_module,
+)
+from lora_core.lora.slots import DEFAULT, check_adapter_name
 from lora_core.quant.nf4 import NF4Tensor
 
-_CONFIG_ATTR = "_lora_config"
 _REQUIRES_GRAD_ATTR = "_lora_requires_grad"  # the parameters' flags before apply_lora, restored by unload
 _LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
@@ -74,13 +85,6 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
     return TrainableReport(trainable=trainable, total=total)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """``(path, layer)`` for every ``LoRALinear`` in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            yield name, module
-
-
 # ---- matching --------------------------------------------------------------------------------------------
 def _matches(spec: list[str] | str, path: str) -> bool:
     if isinstance(spec, str):
@@ -123,12 +127,16 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
                 f"model_type={model_type!r}); give names, a regex or 'all-linear'"
             )
         targets = DEFAULT_TARGETS[model_type]
-    modules = dict(model.named_modules())
-    root_linear = linear_features(model) is not None  # a bare Linear can be its own target
+    lora_paths = [p for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+    modules = {  # the modules inside a LoRA layer (its base, its adapters) are no targets
+        p: m for p, m in model.named_modules() if not any(p.startswith(q + ".") or not q for q in lora_paths)
+        or p in lora_paths
+    }
+    root_linear = features_of(model) is not None  # a bare Linear can be its own target
     saved = [p for p in modules if p and _matches(cfg.effective_modules_to_save(), p)]
     if targets == "all-linear":
         heads = _output_head(model)
-        named = [p for p, m in modules.items() if linear_features(m) is not None and p not in heads]
+        named = [p for p, m in modules.items() if features_of(m) is not None and p not in heads]
         if not named:
             raise ValueError("target_modules='all-linear': the model has no nn.Linear / Conv1D layers")
     else:
@@ -154,7 +162,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             index = _layer_index(path, cfg.layers_pattern)
             if index is None or index not in cfg.layers_to_transform:
                 continue
-        if linear_features(modules[path]) is None:
+        if features_of(modules[path]) is None:
             raise TypeError(
                 f"target module {path!r} is a {type(modules[path]).__name__}; LoRA supports nn.Linear and "
                 "GPT-2 Conv1D layers"
@@ -182,11 +190,6 @@ def find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
 
 # ---- surgery ---------------------------------------------------------------------------------------------
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
-
-
 def _check_device(device: object, name: str = "device") -> torch.device:
     """``device`` as a ``torch.device`` that this process can allocate on; TypeError / ValueError naming
     ``name`` otherwise (torch would raise AssertionError for "cuda" without CUDA, and only on first use)."""
@@ -202,8 +205,19 @@ def _check_device(device: object, name: str = "device") -> torch.device:
     return dev
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | None = None) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    cfg: LoraConfig,
+    device: torch.device | str | None = None,
+    *,
+    adapter_name: str = DEFAULT,
+) -> nn.Module:
     """Replace the target layers of ``model`` by ``LoRALinear`` (in place) and freeze everything else.
+
+    On a model that has adapters already, this adds adapter ``adapter_name`` next to them (same or other
+    targets, rank, DoRA or not; as PEFT's ``add_adapter``): it is not active (``lc.set_adapter`` makes it
+    so) and its tensors are frozen until then. Only the first adapter may train ``modules_to_save`` or
+    biases (they are not kept per adapter).
 
     Trainable afterwards: the adapters (and DoRA magnitudes), the biases ``cfg.bias`` asks for, and
     ``modules_to_save``. With ``cfg.quantize == "nf4"`` the layers are ``lora_core.lora.qlora.QLoRALinear``.
@@ -216,16 +230,26 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
         ``model`` (or the new layer when ``model`` itself is the only target).
 
     Raises:
-        ValueError: LoRA already applied; a target name that matches nothing (the message lists the closest
+        ValueError: ``adapter_name`` exists already; a second adapter with ``modules_to_save`` or
+            ``bias != "none"``; a target name that matches nothing (the message lists the closest
             module names); ``r`` larger than a layer's ``min(in, out)``; nothing left to adapt; a ``device``
             this process cannot use (e.g. ``"cuda"`` without CUDA).
         TypeError: ``cfg`` is not a LoraConfig; a target is not a linear layer; ``device`` of another type.
     """
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"cfg must be a lora_core.LoraConfig, got {type(cfg).__name__}")
-    if any(True for _ in lora_layers(model)):
+    check_adapter_name(adapter_name)
+    existing = adapter_configs(model)
+    if adapter_name in existing:
         raise ValueError(
-            "the model already has LoRA layers; unload_lora(model) first or load into a fresh model"
+            f"the model already has LoRA layers with an adapter named {adapter_name!r} "
+            f"(adapters: {list(existing)}); "
+            "choose another adapter_name or delete_adapter it first"
+        )
+    if existing and (cfg.effective_modules_to_save() or cfg.bias != "none"):
+        raise ValueError(
+            f"adapter {adapter_name!r}: only the first adapter ({next(iter(existing))!r}) may train "
+            "modules_to_save or biases; use modules_to_save=None, bias='none' for the others"
         )
     cls: type[LoRALinear] = LoRALinear
     extra: dict[str, object] = {}
@@ -244,11 +268,13 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
     plan = []
     for path in paths:
         r, alpha = cfg.rank_and_alpha(path)
-        n_in, n_out = linear_features(modules[path])  # type: ignore[misc]
+        n_in, n_out = features_of(modules[path])  # type: ignore[misc]
         if r > min(n_in, n_out):
             raise ValueError(f"r={r} is larger than min(in, out)={min(n_in, n_out)} of module {path!r}")
         plan.append((path, r, alpha))
 
+    if existing:
+        return add_model_adapter(model, cfg, adapter_name, plan, cls, extra, device)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     new_root: nn.Module | None = None
@@ -257,10 +283,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
             modules[path].to(device)  # this layer's dense weight only; QLoRA quantizes it right there
         layer = cls.from_linear(
             modules[path], r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-            use_dora=cfg.use_dora, init=cfg.init, fan_in_fan_out=cfg.fan_in_fan_out, **extra,
+            use_dora=cfg.use_dora, init=cfg.init, fan_in_fan_out=cfg.fan_in_fan_out,
+            adapter_name=adapter_name, **extra,
         )  # fmt: skip
         if path:
-            _replace(model, path, layer)
+            replace_module(model, path, layer)
         else:
             new_root = layer
     root = new_root if new_root is not None else model
@@ -289,6 +316,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, device: torch.device | str | N
         }
     )
     object.__setattr__(root, _CONFIG_ATTR, saved_cfg)
+    object.__setattr__(root, _CONFIGS_ATTR, {adapter_name: saved_cfg})
+    object.__setattr__(root, _ACTIVE_ATTR, [adapter_name])
     object.__setattr__(root, _REQUIRES_GRAD_ATTR, flags)
     return root
 
@@ -312,19 +341,32 @@ def _layers_or_raise(model: nn.Module) -> list[LoRALinear]:
     return layers
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (for inference); returns ``model``. Layers already merged
-    by hand (``layer.merge()``) are left as they are, so a partly merged model ends up fully merged.
+def merge_lora(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Fold the active adapters (or ``adapter_names``) into the base weights (for inference); returns
+    ``model``. Adapters a layer has merged already (``layer.merge()`` by hand) are left as they are, so a
+    partly merged model ends up fully merged.
 
     Raises:
-        ValueError: no LoRA layers, or every layer already merged (nothing is changed then).
+        ValueError: no LoRA layers; an unknown adapter name (named); everything already merged (nothing
+            is changed then).
     """
     layers = _layers_or_raise(model)
-    todo = [layer for layer in layers if not layer.merged]
+    if adapter_names is not None:
+        names = list(adapter_names)
+        unknown = [n for n in names if n not in adapter_configs(model)]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown}; the model has {list(adapter_configs(model))}")
+        per_layer = [[n for n in names if n in layer.lora_specs] for layer in layers]
+    else:
+        per_layer = [[n for n in layer.active_adapters if n in layer.lora_specs] for layer in layers]
+    todo = [
+        (layer, wanted) for layer, wanted in zip(layers, per_layer)
+        if any(n not in layer.merged_adapters for n in wanted)
+    ]  # fmt: skip
     if not todo:
         raise ValueError("the model is already merged; unmerge_lora(model) first")
-    for layer in todo:
-        layer.merge()
+    for layer, wanted in todo:
+        layer.merge(wanted)
     return model
 
 
@@ -357,12 +399,12 @@ def unload_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
         root = model.unload(dequantize=dequantize)
     else:
         for path, layer in list(lora_layers(model)):
-            _replace(model, path, layer.unload(dequantize=dequantize))
+            replace_module(model, path, layer.unload(dequantize=dequantize))
         root = model
     flags = getattr(model, _REQUIRES_GRAD_ATTR, {})
     for name, p in root.named_parameters():
         p.requires_grad_(flags.get(name, True))
-    for attr in (_CONFIG_ATTR, _REQUIRES_GRAD_ATTR):
+    for attr in (_CONFIG_ATTR, _CONFIGS_ATTR, _ACTIVE_ATTR, _REQUIRES_GRAD_ATTR):
         if attr in model.__dict__:
             object.__delattr__(model, attr)
     return root
