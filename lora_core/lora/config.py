@@ -12,15 +12,19 @@ A config answers three questions:
 
 ``to_peft_dict`` / ``from_peft_dict`` translate to and from ``adapter_config.json`` as PEFT writes it
 (``lora_alpha``, ``lora_dropout``, ``init_lora_weights``); the quantization fields are not part of an
-adapter (they describe how the base is stored) and are not written.
+adapter (they describe how the base is stored) and are not written. PEFT's three differing names are also
+accepted by the constructor (``LoraConfig(lora_alpha=16, lora_dropout=0.05, init_lora_weights="gaussian")``),
+and ``LoraConfig.from_peft(peft.LoraConfig(...))`` converts a PEFT config object, refusing what lora_core
+does not implement.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -35,8 +39,12 @@ TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
     "TOKEN_CLS": ("classifier", "score"),
 }
 
-# PEFT's `init_lora_weights` values for our `init` names.
+# PEFT's `init_lora_weights` values for our `init` names, and back (False, PEFT's "no identity init" for
+# tests, has no counterpart: `from_peft` refuses it; an adapter file's init does not matter once loaded).
 _INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+_INIT_FROM_PEFT: dict[Any, str] = {True: "default", "gaussian": "gaussian", "pissa": "pissa"}
+# PEFT's field names that differ from ours: PEFT name -> our name.
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
 
 # PEFT config keys that do not change what an adapter computes (bookkeeping), ignored on read.
 _PEFT_BOOKKEEPING = {
@@ -91,6 +99,8 @@ class LoraConfig:
         quant_block_size: NF4 block size (elements per absmax scale), a power of two in [16, 4096].
         double_quant: quantize the block scales too (QLoRA §3, "double quantization").
         base_model_name_or_path: recorded in ``adapter_config.json`` for the reader's benefit.
+        lora_alpha, lora_dropout, init_lora_weights: PEFT's names for ``alpha``, ``dropout`` and ``init``
+            (``init_lora_weights=True`` is ``"default"``); give one name or the other, not both.
     """
 
     r: int = 8
@@ -113,8 +123,28 @@ class LoraConfig:
     quant_block_size: int = 64
     double_quant: bool = True
     base_model_name_or_path: str | None = None
+    # PEFT's spellings (keyword-only in practice: they come after every field above)
+    lora_alpha: InitVar[float | None] = None
+    lora_dropout: InitVar[float | None] = None
+    init_lora_weights: InitVar[bool | str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(
+        self, lora_alpha: float | None, lora_dropout: float | None, init_lora_weights: bool | str | None
+    ) -> None:
+        peft_values = {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
+        if init_lora_weights is not None:
+            peft_values["init_lora_weights"] = _init_from_peft(init_lora_weights, "init_lora_weights")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for peft_name, value in peft_values.items():
+            ours = PEFT_ALIASES[peft_name]
+            if value is None:
+                continue
+            if getattr(self, ours) != defaults[ours] and getattr(self, ours) != value:
+                raise ValueError(
+                    f"{peft_name}={value!r} and {ours}={getattr(self, ours)!r} disagree; {peft_name} is "
+                    f"PEFT's name for {ours}: give one of them"
+                )
+            setattr(self, ours, value)
         _check_rank("r", self.r)
         check_alpha("alpha", self.alpha)
         check_dropout("dropout", self.dropout)
@@ -225,43 +255,89 @@ class LoraConfig:
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any], **overrides: Any) -> LoraConfig:
         """Read PEFT's ``adapter_config.json`` content; ``overrides`` set fields PEFT does not store
-        (``quantize``, ``quant_block_size``, ``double_quant``).
+        (``quantize``, ``quant_block_size``, ``double_quant``, ``quantize_base``).
 
         Raises:
             ValueError: not a LoRA config, or it uses a PEFT feature lora_core does not implement.
         """
-        if data.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {data.get('peft_type')!r}")
-        for key in _PEFT_UNSUPPORTED:
-            if data.get(key):
-                raise ValueError(f"adapter_config.json: {key}={data[key]!r} is not supported by lora_core")
-        init = data.get("init_lora_weights", True)
-        inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa"}
-        if not isinstance(init, (bool, str)) or init not in inits:
-            raise ValueError(
-                f"adapter_config.json: init_lora_weights={init!r} is not supported; "
-                f"allowed: true, false, 'gaussian', 'pissa'"
-            )
-        renames = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
-        own = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            name = renames.get(key, key)
-            if name in own:
-                kwargs[name] = value
-            elif key not in _PEFT_BOOKKEEPING and key != "init_lora_weights" and key not in _PEFT_UNSUPPORTED:
-                if value not in (None, False, [], {}, ""):
-                    raise ValueError(f"adapter_config.json: unknown field {key}={value!r}")
-        kwargs["init"] = inits[init]
-        # PEFT keys its config's `rank_pattern` etc. with JSON-safe types already; `layers_pattern` may be
-        # a one-element list in newer PEFT versions.
-        lp = kwargs.get("layers_pattern")
-        if isinstance(lp, list):
-            if len(lp) != 1:
-                raise ValueError(f"adapter_config.json: layers_pattern={lp!r}: only one pattern is supported")
-            kwargs["layers_pattern"] = lp[0]
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return _from_peft_fields(cls, data, "adapter_config.json", overrides, strict_init=False)
+
+    @classmethod
+    def from_peft(cls, peft_config: Any, **overrides: Any) -> LoraConfig:
+        """Convert a ``peft.LoraConfig`` object (what ``get_peft_model`` takes) into a ``LoraConfig``:
+        ``lora_alpha`` → ``alpha``, ``lora_dropout`` → ``dropout``, ``init_lora_weights`` → ``init``, the
+        rest by name. ``overrides`` set lora_core's own fields (e.g. ``quantize="nf4"``).
+
+        Raises:
+            TypeError: ``peft_config`` is not a ``peft.LoraConfig``.
+            ValueError: it uses a PEFT feature lora_core does not implement (DoRA's and rsLoRA's do exist;
+                e.g. ``lora_bias``, ``use_qalora``, ``layer_replication``, ``target_parameters``,
+                ``init_lora_weights="loftq"`` or ``False`` are refused, naming the field).
+        """
+        kind = type(peft_config)
+        from_peft = kind.__name__ == "LoraConfig" and kind.__module__.startswith("peft.")
+        if not from_peft or not dataclasses.is_dataclass(peft_config):
+            raise TypeError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}")
+        data = {f.name: _plain(getattr(peft_config, f.name)) for f in dataclasses.fields(peft_config)}
+        return _from_peft_fields(cls, data, "peft_config", overrides, strict_init=True)
+
+
+def _plain(value: Any) -> Any:
+    """PEFT's enum values (``TaskType.CAUSAL_LM``) as plain strings, its sets of names as sorted lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return value
+
+
+def _init_from_peft(value: Any, name: str) -> str:
+    if isinstance(value, (bool, str)) and value in _INIT_FROM_PEFT:
+        return _INIT_FROM_PEFT[value]
+    raise ValueError(
+        f"{name}={value!r} is not supported by lora_core; "
+        "allowed: True (= init='default'), 'gaussian', 'pissa'"
+    )
+
+
+def _from_peft_fields(
+    cls: type[LoraConfig], data: dict[str, Any], source: str, overrides: dict[str, Any], strict_init: bool
+) -> LoraConfig:
+    """``data`` in PEFT's field names → ``cls(...)``; errors start with ``source`` and name the field."""
+    if data.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: peft_type must be 'LORA', got {data.get('peft_type')!r}")
+    for key in _PEFT_UNSUPPORTED:
+        if data.get(key):
+            raise ValueError(f"{source}: {key}={data[key]!r} is not supported by lora_core")
+    init = data.get("init_lora_weights", True)
+    if init is False and not strict_init:  # an adapter file: the weights are loaded, the init is moot
+        init = True
+    try:
+        our_init = _init_from_peft(init, "init_lora_weights")
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    own = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = PEFT_ALIASES.get(key, key)
+        if key == "init_lora_weights":
+            continue
+        if name in own:
+            kwargs[name] = value
+        elif key in _PEFT_BOOKKEEPING or key in _PEFT_UNSUPPORTED:
+            continue
+        elif value not in (None, False, [], {}, ""):
+            raise ValueError(f"{source}: {key}={value!r} is not supported by lora_core (unknown field)")
+    kwargs["init"] = our_init
+    # PEFT keys its config's `rank_pattern` etc. with JSON-safe types already; `layers_pattern` may be a
+    # one-element list in newer PEFT versions.
+    lp = kwargs.get("layers_pattern")
+    if isinstance(lp, list):
+        if len(lp) != 1:
+            raise ValueError(f"{source}: layers_pattern={lp!r}: only one pattern is supported")
+        kwargs["layers_pattern"] = lp[0]
+    kwargs.update(overrides)
+    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------
