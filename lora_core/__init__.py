@@ -14,6 +14,7 @@ from lora_core.lora.config import LoraConfig
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
 from lora_core.lora.layer import LoRALinear
 from lora_core.lora.nf4_linear import nf4_linear
+from lora_core.lora.optim import loraplus_optimizer, loraplus_param_groups
 from lora_core.lora.qlora import NF4Linear, QLoRALinear
 from lora_core.lora.surgery import (
     TrainableReport,
@@ -46,6 +47,8 @@ __all__: list[str] = [
     "apply_lora",
     "get_lora_config",
     "load_adapter",
+    "loraplus_optimizer",
+    "loraplus_param_groups",
     "merge_lora",
     "save_adapter",
     "trainable_parameters",
