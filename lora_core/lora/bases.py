@@ -16,6 +16,11 @@ and unloading need from ``W₀`` is one of these:
 `DenseBase` keeps the base's own ``weight`` Parameter (the layer registers that very object, so the
 state-dict key ``<path>.weight`` and every reference to it survive). `NF4Base` keeps an `NF4Tensor`: no
 Parameter, its tensors keep their dtypes, and its state-dict entries use bitsandbytes' names.
+
+`frozen_base_of(module)` picks the base a module already is: a frozen `NF4Linear` or a quantized
+bitsandbytes ``Linear4bit`` (a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) gives an
+`NF4Base` over the very same bytes (bitsandbytes' NF4 layout is ours, so nothing is dequantized or
+requantized: `NF4Base.from_bnb`); anything else a `DenseBase`.
 """
 
 from __future__ import annotations
@@ -47,9 +52,18 @@ def is_conv1d(module: nn.Module) -> bool:
     )
 
 
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """A quantized bitsandbytes 4-bit linear layer (``bnb.nn.Linear4bit``; its ``weight`` is a ``Params4bit``
+    with a ``quant_state``), recognised without importing bitsandbytes. An unquantized one (a float weight
+    before its first ``.to(device)``) is a plain ``nn.Linear`` here."""
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return isinstance(module, nn.Linear) and quant_state is not None and hasattr(quant_state, "as_dict")
+
+
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of an ``nn.Linear`` or ``Conv1D``; ``None`` for anything else."""
-    if isinstance(module, nn.Linear):
+    """``(in_features, out_features)`` of an ``nn.Linear`` (bitsandbytes' ``Linear4bit`` included), a
+    ``Conv1D`` or a frozen `NF4Linear`; ``None`` for anything else."""
+    if isinstance(module, (nn.Linear, NF4Linear)):
         return module.in_features, module.out_features
     if is_conv1d(module):
         n_in, n_out = module.weight.shape
@@ -206,11 +220,56 @@ class NF4Base:
     def quantize(cls, module: nn.Module, block_size: int = 64, double_quant: bool = True) -> NF4Base:
         """Quantize ``module``'s weight (an ``nn.Linear`` or GPT-2 ``Conv1D``) to NF4."""
         w, conv = module.weight.detach(), is_conv1d(module)
+        if not w.is_floating_point():
+            raise TypeError(
+                f"cannot quantize a {type(module).__name__} holding a {w.dtype} weight to NF4: only "
+                "floating-point weights, NF4Linear and quantized bitsandbytes Linear4bit (nf4) layers"
+            )
         return cls(quantize_nf4(w.T if conv else w, block_size, double_quant), module, fan_in_fan_out=conv)
+
+    @classmethod
+    def from_bnb(cls, module: nn.Module) -> NF4Base:
+        """Adopt a quantized bitsandbytes ``Linear4bit``'s NF4 weight as it is: its packed bytes (no copy)
+        and its quant state (absmax, code table, nested absmax / code, offset) read through bitsandbytes'
+        own serialization (``quant_state.as_dict(packed=True)``, the keys of its state dict).
+
+        Raises:
+            ValueError: not a quantized Linear4bit, or FP4 (only NF4 is supported).
+        """
+        if not is_bnb_4bit(module):
+            raise ValueError(f"expected a quantized bitsandbytes Linear4bit, got {type(module).__name__}")
+        state = module.weight.quant_state
+        if getattr(state, "quant_type", "nf4") != "nf4":
+            raise ValueError(
+                f"bitsandbytes {type(module).__name__} with quant_type={state.quant_type!r}: only 'nf4' can "
+                "be adopted (load the model with BitsAndBytesConfig(bnb_4bit_quant_type='nf4'))"
+            )
+        tensors = {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+        tensors["weight"] = module.weight.data.as_subclass(Tensor)  # (ceil(n/2), 1) packed codes
+        q = NF4Tensor.from_bnb_state(tensors, "weight")
+        plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        return cls(q, plain)  # unload(dequantize=True) gives an nn.Linear, not a Linear4bit
+
+    @classmethod
+    def from_module(cls, module: nn.Module, block_size: int = 64, double_quant: bool = True) -> NF4Base:
+        """The NF4 base of ``module``: an `NF4Linear`'s own, a bitsandbytes Linear4bit's adopted bytes
+        (`from_bnb`; ``block_size`` / ``double_quant`` are then the module's), or ``module``'s dense weight
+        quantized (`quantize`)."""
+        if isinstance(module, NF4Linear):
+            return module.base
+        if is_bnb_4bit(module):
+            return cls.from_bnb(module)
+        return cls.quantize(module, block_size, double_quant)
 
     @property
     def weight(self) -> NF4Tensor:
         return self.q
+
+    def describe(self) -> str:
+        """One line for reprs: ``nf4 block_size=64, double_quant=True, dtype=bfloat16``."""
+        q = self.q
+        dtype = str(q.dtype).removeprefix("torch.")
+        return f"nf4 block_size={q.block_size}, double_quant={q.double_quant}, dtype={dtype}"
 
     @property
     def dtype(self) -> None:
@@ -359,13 +418,22 @@ class NF4Linear(HoldsFrozenBase):
         return self.base.forward(x, self.bias)
 
     def extra_repr(self) -> str:
-        q = self.base.q
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 block={q.block_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.base.describe()}"
+
+
+def frozen_base_of(module: nn.Module, fan_in_fan_out: bool) -> DenseBase | NF4Base:
+    """The frozen base ``module`` already holds: `NF4Base` for an `NF4Linear` or a quantized bitsandbytes
+    Linear4bit (its bytes adopted as they are), else `DenseBase` over its own weight Parameter."""
+    if isinstance(module, NF4Linear) or is_bnb_4bit(module):
+        return NF4Base.from_module(module)
+    return DenseBase.adopt(module, fan_in_fan_out)
 
 
 __all__ = [
     "DenseBase",
     "FrozenBase",
+    "frozen_base_of",
+    "is_bnb_4bit",
     "HoldsFrozenBase",
     "NF4Base",
     "NF4Linear",

@@ -98,6 +98,10 @@ class LoraConfig:
         quantize: ``"none"`` or ``"nf4"`` (store the frozen base in 4-bit NormalFloat: QLoRA).
         quant_block_size: NF4 block size (elements per absmax scale), a power of two in [16, 4096].
         double_quant: quantize the block scales too (QLoRA §3, "double quantization").
+        quantize_base: with ``quantize="nf4"``, store every other linear layer of the base in NF4 too (a
+            frozen ``NF4Linear``), except the output head and ``modules_to_save``: the whole base in 4 bit,
+            as QLoRA with bitsandbytes does. ``None`` (default): ``True`` under ``quantize="nf4"``, else
+            ``False``; ``True`` needs ``quantize="nf4"``.
         base_model_name_or_path: recorded in ``adapter_config.json`` for the reader's benefit.
         lora_alpha, lora_dropout, init_lora_weights: PEFT's names for ``alpha``, ``dropout`` and ``init``
             (``init_lora_weights=True`` is ``"default"``); give one name or the other, not both.
@@ -122,6 +126,7 @@ class LoraConfig:
     quantize: str = "none"
     quant_block_size: int = 64
     double_quant: bool = True
+    quantize_base: bool | None = None
     base_model_name_or_path: str | None = None
     # PEFT's spellings (keyword-only in practice: they come after every field above)
     lora_alpha: InitVar[float | None] = None
@@ -171,6 +176,11 @@ class LoraConfig:
             _check_choice("task_type", self.task_type, TASK_TYPES)
         for name in ("use_rslora", "use_dora", "fan_in_fan_out", "double_quant"):
             check_bool(name, getattr(self, name))
+        if self.quantize_base is None:
+            self.quantize_base = self.quantize == "nf4"
+        check_bool("quantize_base", self.quantize_base)
+        if self.quantize_base and self.quantize != "nf4":
+            raise ValueError(f"quantize_base=True needs quantize='nf4', got quantize={self.quantize!r}")
         for name in ("layers_pattern", "base_model_name_or_path"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string or None, got {getattr(self, name)!r}")

@@ -29,7 +29,9 @@ class QLoRALinear(LoRALinear):
     alpha=..., quant_block_size=64, double_quant=True)`` or ``apply_lora`` with ``quantize="nf4"``.
 
     Args:
-        base, r, alpha, dropout, use_rslora, use_dora, fan_in_fan_out: as in ``LoRALinear``.
+        base, r, alpha, dropout, use_rslora, use_dora, fan_in_fan_out: as in ``LoRALinear``. ``base`` may
+            already be 4-bit: a bitsandbytes ``Linear4bit`` (nf4) or an `NF4Linear` gives its NF4 bytes
+            as they are (then the two settings below are the module's, not these).
         quant_block_size: NF4 block size, a power of two in [16, 4096] (QLoRA: 64).
         double_quant: quantize the block scales too (QLoRA §3, "Double Quantization").
     """
@@ -41,8 +43,11 @@ class QLoRALinear(LoRALinear):
     ) -> None:  # fmt: skip
         super().__init__(
             base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
-            fan_in_fan_out=fan_in_fan_out, frozen=NF4Base.quantize(base, quant_block_size, double_quant),
+            fan_in_fan_out=fan_in_fan_out, frozen=NF4Base.from_module(base, quant_block_size, double_quant),
         )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.base.describe()}"
 
     @property
     def requantization_error(self) -> float | None:
