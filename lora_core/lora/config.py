@@ -27,8 +27,10 @@ import re
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
+from lora_core.lora.inits import is_extra_init
+
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("default", "gaussian", "pissa")
+INIT_MODES = ("default", "gaussian", "pissa", "olora", "pissa_niter_<N>")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM")
 QUANTIZE_MODES = ("none", "nf4")
 
@@ -85,7 +87,9 @@ class LoraConfig:
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, Kalajdzievski 2023, Thm. 3.2).
         use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): ``W' = m · (W + sBA) / ‖W + sBA‖_row``.
         init: ``"default"`` (A kaiming-uniform with a=√5, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0),
-            ``"pissa"`` (A, B from the top-r SVD of W; W replaced by its residual; Meng et al. 2024).
+            ``"pissa"`` (A, B from the top-r SVD of W; W replaced by its residual; Meng et al. 2024),
+            ``"pissa_niter_<N>"`` (the same with a randomized SVD, N subspace iterations) or ``"olora"``
+            (A, B from W's QR decomposition; Büyükakyüz 2024): see ``lora_core.lora.inits``.
         modules_to_save: modules trained fully and saved with the adapter (names matched as suffixes).
         fan_in_fan_out: the base stores its weight as (in, out), like GPT-2's ``Conv1D``.
         task_type: ``"CAUSAL_LM" | "SEQ_CLS" | "TOKEN_CLS" | "SEQ_2_SEQ_LM"`` or None; classification tasks
@@ -170,7 +174,8 @@ class LoraConfig:
             mts = _str_list(self.modules_to_save, "modules_to_save")
             self.modules_to_save = [mts] if isinstance(mts, str) else mts
         _check_choice("bias", self.bias, BIAS_MODES)
-        _check_choice("init", self.init, INIT_MODES)
+        if self.init not in INIT_MODES[:3] and not is_extra_init(self.init):
+            raise ValueError(f"init must be one of {list(INIT_MODES)}, got {self.init!r}")
         _check_choice("quantize", self.quantize, QUANTIZE_MODES)
         if self.task_type is not None:
             _check_choice("task_type", self.task_type, TASK_TYPES)
@@ -252,7 +257,7 @@ class LoraConfig:
             "bias": self.bias,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
-            "init_lora_weights": _INIT_TO_PEFT[self.init],
+            "init_lora_weights": _INIT_TO_PEFT.get(self.init, self.init),  # olora, pissa_niter_N: as is
             "fan_in_fan_out": self.fan_in_fan_out,
             "modules_to_save": self.modules_to_save,
             "layers_to_transform": self.layers_to_transform,
@@ -304,9 +309,11 @@ def _plain(value: Any) -> Any:
 def _init_from_peft(value: Any, name: str) -> str:
     if isinstance(value, (bool, str)) and value in _INIT_FROM_PEFT:
         return _INIT_FROM_PEFT[value]
+    if is_extra_init(value):
+        return value
     raise ValueError(
         f"{name}={value!r} is not supported by lora_core; "
-        "allowed: True (= init='default'), 'gaussian', 'pissa'"
+        "allowed: True (= init='default'), 'gaussian', 'pissa', 'olora', 'pissa_niter_<N>'"
     )
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_core import dispatch
-from lora_core.lora import functional
+from lora_core.lora import functional, inits
 from lora_core.lora.bases import (
     DenseBase,
     FrozenBase,
@@ -185,8 +185,8 @@ class LoRALinear(HoldsFrozenBase):
             nn.init.zeros_(self.lora_B.weight)
         elif init == "pissa":
             self._pissa_init()
-        else:
-            raise ValueError(f"init must be one of ['default', 'gaussian', 'pissa'], got {init!r}")
+        else:  # "olora", "pissa_niter_<N>" (lora_core.lora.inits); ValueError for anything else
+            inits.apply_extra_init(self, init)
         if self.use_dora:
             self.lora_magnitude_vector.copy_(self._dora_norm(self.lora_A.weight.dtype))
 
