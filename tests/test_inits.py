@@ -84,9 +84,62 @@ def test_qlora_olora_requantizes_the_residual() -> None:
     assert err is not None and 0 < err < 0.1
 
 
-@pytest.mark.parametrize("init", ["pissa_niter_", "pissa_niter_x", "loftq", "OLoRA", 3])
+@pytest.mark.parametrize("init", ["pissa_niter_", "pissa_niter_x", "loftq_iter_0x", "corda", "OLoRA", 3])
 def test_bad_init_names_the_argument(init: object) -> None:
     with pytest.raises(ValueError, match="init"):
         lc.LoraConfig(init=init)
     with pytest.raises(ValueError, match="init"):
         lc.LoRALinear.from_linear(nn.Linear(4, 3), r=1, alpha=1.0, init=init)
+
+
+def _nf4_error(w: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(lc.dequantize_nf4(lc.quantize_nf4(w, 64, False), w.dtype) - w))
+
+
+@pytest.mark.parametrize("iters", [1, 5])
+def test_loftq_fits_nf4_and_the_adapter_together(iters: int) -> None:
+    torch.manual_seed(4)
+    dense = nn.Linear(128, 64)
+    w = dense.weight.detach().clone()
+    init = "loftq" if iters == 1 else f"loftq_iter_{iters}"
+    q = lc.QLoRALinear.from_linear(copy.deepcopy(dense), r=8, alpha=16, init=init, double_quant=False)
+    a, _, q_ref = lc.lora.inits.loftq_factors(w, 8, 2.0, iters, 64, False)
+    assert torch.equal(q.base.q.packed, q_ref.packed) and torch.equal(q.lora_A.weight, a)
+    approx = lc.dequantize_nf4(q.base.q, torch.float32) + q.scaling * q.lora_B.weight @ q.lora_A.weight
+    err = float(torch.linalg.matrix_norm(approx - w))
+    # NF4(W) + s·BA is closer to W than NF4(W) alone (QLoRA's start); a random W has a flat spectrum, so
+    # rank 8 of 64 takes only part of the quantization error away
+    assert err < 0.9 * _nf4_error(w)
+    if iters == 1:  # Alg. 1, one step: Q = NF4(W), s·BA = the best rank-r approximation of W − dequant(Q)
+        qw = lc.quantize_nf4(w, 64, False)
+        assert torch.equal(q.base.q.packed, qw.packed)
+        res = w - lc.dequantize_nf4(qw, torch.float32)
+        u, s, vh = torch.linalg.svd(res)
+        torch.testing.assert_close(q.scaling * q.lora_B.weight @ q.lora_A.weight,
+                                   u[:, :8] @ torch.diag(s[:8]) @ vh[:8], rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_loftq_more_iterations_fit_better_and_dense_bases_take_dequant_q() -> None:
+    torch.manual_seed(5)
+    dense = nn.Linear(128, 64)
+    w = dense.weight.detach().clone()
+    errs = []
+    for iters in (1, 5):
+        a, b, q = lc.lora.inits.loftq_factors(w, 8, 2.0, iters)
+        errs.append(float(torch.linalg.matrix_norm(lc.dequantize_nf4(q, torch.float32) + 2.0 * b @ a - w)))
+    assert errs[1] < errs[0]
+    layer = lc.LoRALinear.from_linear(copy.deepcopy(dense), r=8, alpha=16, init="loftq_iter_5")
+    torch.testing.assert_close(layer.weight, lc.dequantize_nf4(q, torch.float32), rtol=0, atol=0)
+
+
+def test_loftq_in_a_config_and_peft_round_trip() -> None:
+    cfg = lc.LoraConfig(r=4, target_modules=["0"], init="loftq_iter_3", quantize="nf4")
+    data = cfg.to_peft_dict()
+    assert data["init_lora_weights"] == "loftq" and data["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 3}
+    assert lc.LoraConfig.from_peft_dict(data, quantize="nf4") == cfg
+    pc = peft.LoraConfig(r=4, target_modules=["0"])
+    # set after construction: PEFT's LoraConfig needs scipy to validate a LoftQ config
+    pc.init_lora_weights, pc.loftq_config = "loftq", {"loftq_bits": 4, "loftq_iter": 2}
+    assert lc.LoraConfig.from_peft(pc).init == "loftq_iter_2"
+    model = lc.apply_lora(tiny(), lc.LoraConfig(r=4, target_modules=["0", "2"], init="loftq", quantize="nf4"))
+    assert model.get_submodule("0").lora_B.weight.abs().sum() > 0

@@ -30,7 +30,7 @@ def test_peft_field_names_are_aliases() -> None:
         ({"lora_alpha": -1}, ValueError, "alpha"),
         ({"lora_alpha": "16"}, TypeError, "alpha"),
         ({"lora_dropout": 1.5}, ValueError, "dropout"),
-        ({"init_lora_weights": "loftq"}, ValueError, "init_lora_weights"),
+        ({"init_lora_weights": "corda"}, ValueError, "init_lora_weights"),
         ({"init_lora_weights": False}, ValueError, "init_lora_weights"),
         ({"init_lora_weights": 1}, ValueError, "init_lora_weights"),
         ({"lora_alhpa": 16}, TypeError, "lora_alhpa"),
@@ -73,7 +73,8 @@ def test_from_peft_defaults_regex_and_overrides() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"init_lora_weights": "loftq"}, "init_lora_weights"),
+        ({"init_lora_weights": "corda"}, "init_lora_weights"),
+        ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 8, "loftq_iter": 1}}, "loftq"),
         ({"init_lora_weights": False}, "init_lora_weights"),
         ({"init_lora_weights": "eva"}, "init_lora_weights"),
         ({"lora_bias": True}, "lora_bias"),

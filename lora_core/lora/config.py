@@ -21,16 +21,23 @@ does not implement.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import re
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from lora_core.lora.inits import is_extra_init
+from lora_core.lora.peft_names import (
+    PEFT_ALIASES,
+    from_peft_fields,
+    init_from_peft,
+    loftq_iters,
+    peft_init,
+    plain_peft_value,
+)
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("default", "gaussian", "pissa", "olora", "pissa_niter_<N>")
+INIT_MODES = ("default", "gaussian", "pissa", "olora", "pissa_niter_<N>", "loftq", "loftq_iter_<N>")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM")
 QUANTIZE_MODES = ("none", "nf4")
 
@@ -40,23 +47,6 @@ TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
     "SEQ_CLS": ("classifier", "score"),
     "TOKEN_CLS": ("classifier", "score"),
 }
-
-# PEFT's `init_lora_weights` values for our `init` names, and back (False, PEFT's "no identity init" for
-# tests, has no counterpart: `from_peft` refuses it; an adapter file's init does not matter once loaded).
-_INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
-_INIT_FROM_PEFT: dict[Any, str] = {True: "default", "gaussian": "gaussian", "pissa": "pissa"}
-# PEFT's field names that differ from ours: PEFT name -> our name.
-PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
-
-# PEFT config keys that do not change what an adapter computes (bookkeeping), ignored on read.
-_PEFT_BOOKKEEPING = {
-    "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
-    "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "runtime_config",
-    "qalora_group_size", "layers_pattern", "lora_ga_config", "arrow_config", "ensure_weight_tying",
-}  # fmt: skip
-# PEFT features we do not implement: loading an adapter that uses one must fail, not compute the wrong thing.
-_PEFT_UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "target_parameters",
-                     "trainable_token_indices", "alora_invocation_tokens")  # fmt: skip
 
 
 def _str_list(value: Any, name: str) -> list[str] | str | None:
@@ -89,7 +79,8 @@ class LoraConfig:
         init: ``"default"`` (A kaiming-uniform with a=√5, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0),
             ``"pissa"`` (A, B from the top-r SVD of W; W replaced by its residual; Meng et al. 2024),
             ``"pissa_niter_<N>"`` (the same with a randomized SVD, N subspace iterations) or ``"olora"``
-            (A, B from W's QR decomposition; Büyükakyüz 2024): see ``lora_core.lora.inits``.
+            (A, B from W's QR decomposition; Büyükakyüz 2024), ``"loftq"`` / ``"loftq_iter_<N>"`` (LoftQ,
+            Li et al. 2023: NF4(W) and BA fitted together, N alternations): see ``lora_core.lora.inits``.
         modules_to_save: modules trained fully and saved with the adapter (names matched as suffixes).
         fan_in_fan_out: the base stores its weight as (in, out), like GPT-2's ``Conv1D``.
         task_type: ``"CAUSAL_LM" | "SEQ_CLS" | "TOKEN_CLS" | "SEQ_2_SEQ_LM"`` or None; classification tasks
@@ -142,7 +133,7 @@ class LoraConfig:
     ) -> None:
         peft_values = {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
         if init_lora_weights is not None:
-            peft_values["init_lora_weights"] = _init_from_peft(init_lora_weights, "init_lora_weights")
+            peft_values["init_lora_weights"] = init_from_peft(init_lora_weights, "init_lora_weights")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for peft_name, value in peft_values.items():
             ours = PEFT_ALIASES[peft_name]
@@ -257,7 +248,7 @@ class LoraConfig:
             "bias": self.bias,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
-            "init_lora_weights": _INIT_TO_PEFT.get(self.init, self.init),  # olora, pissa_niter_N: as is
+            "init_lora_weights": peft_init(self.init),
             "fan_in_fan_out": self.fan_in_fan_out,
             "modules_to_save": self.modules_to_save,
             "layers_to_transform": self.layers_to_transform,
@@ -265,7 +256,9 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "inference_mode": True,
-        }
+            **({"loftq_config": {"loftq_bits": 4, "loftq_iter": loftq_iters(self.init)}}
+               if self.init.startswith("loftq") else {}),
+        }  # fmt: skip
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any], **overrides: Any) -> LoraConfig:
@@ -275,7 +268,7 @@ class LoraConfig:
         Raises:
             ValueError: not a LoRA config, or it uses a PEFT feature lora_core does not implement.
         """
-        return _from_peft_fields(cls, data, "adapter_config.json", overrides, strict_init=False)
+        return from_peft_fields(cls, data, "adapter_config.json", overrides, strict_init=False)
 
     @classmethod
     def from_peft(cls, peft_config: Any, **overrides: Any) -> LoraConfig:
@@ -293,68 +286,9 @@ class LoraConfig:
         from_peft = kind.__name__ == "LoraConfig" and kind.__module__.startswith("peft.")
         if not from_peft or not dataclasses.is_dataclass(peft_config):
             raise TypeError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}")
-        data = {f.name: _plain(getattr(peft_config, f.name)) for f in dataclasses.fields(peft_config)}
-        return _from_peft_fields(cls, data, "peft_config", overrides, strict_init=True)
-
-
-def _plain(value: Any) -> Any:
-    """PEFT's enum values (``TaskType.CAUSAL_LM``) as plain strings, its sets of names as sorted lists."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    return value
-
-
-def _init_from_peft(value: Any, name: str) -> str:
-    if isinstance(value, (bool, str)) and value in _INIT_FROM_PEFT:
-        return _INIT_FROM_PEFT[value]
-    if is_extra_init(value):
-        return value
-    raise ValueError(
-        f"{name}={value!r} is not supported by lora_core; "
-        "allowed: True (= init='default'), 'gaussian', 'pissa', 'olora', 'pissa_niter_<N>'"
-    )
-
-
-def _from_peft_fields(
-    cls: type[LoraConfig], data: dict[str, Any], source: str, overrides: dict[str, Any], strict_init: bool
-) -> LoraConfig:
-    """``data`` in PEFT's field names → ``cls(...)``; errors start with ``source`` and name the field."""
-    if data.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{source}: peft_type must be 'LORA', got {data.get('peft_type')!r}")
-    for key in _PEFT_UNSUPPORTED:
-        if data.get(key):
-            raise ValueError(f"{source}: {key}={data[key]!r} is not supported by lora_core")
-    init = data.get("init_lora_weights", True)
-    if init is False and not strict_init:  # an adapter file: the weights are loaded, the init is moot
-        init = True
-    try:
-        our_init = _init_from_peft(init, "init_lora_weights")
-    except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
-    own = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        name = PEFT_ALIASES.get(key, key)
-        if key == "init_lora_weights":
-            continue
-        if name in own:
-            kwargs[name] = value
-        elif key in _PEFT_BOOKKEEPING or key in _PEFT_UNSUPPORTED:
-            continue
-        elif value not in (None, False, [], {}, ""):
-            raise ValueError(f"{source}: {key}={value!r} is not supported by lora_core (unknown field)")
-    kwargs["init"] = our_init
-    # PEFT keys its config's `rank_pattern` etc. with JSON-safe types already; `layers_pattern` may be a
-    # one-element list in newer PEFT versions.
-    lp = kwargs.get("layers_pattern")
-    if isinstance(lp, list):
-        if len(lp) != 1:
-            raise ValueError(f"{source}: layers_pattern={lp!r}: only one pattern is supported")
-        kwargs["layers_pattern"] = lp[0]
-    kwargs.update(overrides)
-    return cls(**kwargs)
+        fields = dataclasses.fields(peft_config)
+        data = {f.name: plain_peft_value(getattr(peft_config, f.name)) for f in fields}
+        return from_peft_fields(cls, data, "peft_config", overrides, strict_init=True)
 
 
 # --------------------------------------------------------------------------------------------------------

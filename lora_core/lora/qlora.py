@@ -18,9 +18,12 @@ tensors and keep their dtypes; ``.half()`` never touches them (the scales stay f
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from lora_core.lora.bases import NF4Base, NF4Linear
+from lora_core.lora import inits
+from lora_core.lora.bases import NF4Base, NF4Linear, is_bnb_4bit, is_conv1d
 from lora_core.lora.layer import LoRALinear
 
 
@@ -45,6 +48,19 @@ class QLoRALinear(LoRALinear):
             base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
             fan_in_fan_out=fan_in_fan_out, frozen=NF4Base.from_module(base, quant_block_size, double_quant),
         )  # fmt: skip
+
+    @classmethod
+    def from_linear(cls, base: nn.Module, *, init: str = "default", **kwargs: Any) -> LoRALinear:
+        """As ``LoRALinear.from_linear``; LoftQ (``init="loftq"`` / ``"loftq_iter_<N>"``) starts from
+        ``base``'s dense weight (not from its NF4 copy) and leaves its ``Q`` as the base."""
+        dense = not (isinstance(base, NF4Linear) or is_bnb_4bit(base))
+        if not (dense and isinstance(init, str) and inits.LOFTQ.fullmatch(init)):
+            return super().from_linear(base, init=init, **kwargs)
+        w = base.weight.detach()
+        layer = cls(base, **kwargs)
+        layer._loftq_source = w.T if is_conv1d(base) else w  # (out, in), taken by inits.apply_extra_init
+        layer.reset_lora_parameters(init)
+        return layer
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.base.describe()}"
