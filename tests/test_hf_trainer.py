@@ -106,3 +106,25 @@ def test_load_adapter_weights_errors(base: torch.nn.Module, tmp_path: Path) -> N
         load_adapter_weights(copy.deepcopy(base), tmp_path / "r2")
     with pytest.raises(TypeError, match="model"):
         load_adapter_weights("model", tmp_path / "r2")
+
+
+def test_a_bitsandbytes_4bit_model_trains(base: torch.nn.Module, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    base.save_pretrained(tmp_path / "base")
+    bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=bnb_cfg, device_map="cpu"
+        )
+        assert model.is_quantized  # transformers' plain Trainer would refuse it ("purely quantized")
+        lc.apply_lora(model, lc.LoraConfig.from_peft(peft.LoraConfig(r=4, target_modules=["q_proj"]),
+                                                      quantize="nf4"))  # fmt: skip
+        before = lora_tensors(model)
+        trainer_for(model, tmp_path / "run").train()
+    assert "_hf_peft_config_loaded" not in model.__dict__  # the flag was for the constructor's check only
+    after = lora_tensors(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    names = {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+    assert "adapter_model.safetensors" in names and "model.safetensors" not in names

@@ -9,6 +9,8 @@ changes only what is written and read for the model:
     resume_from_checkpoint          the adapter tensors copied back into the model (`load_adapter_weights`);
                                     optimizer, scheduler, RNG and trainer state as the Trainer restores them
     load_best_model_at_end          the same, from the best checkpoint
+    a bitsandbytes 4-bit model      accepted once lora_core's adapters are on it (a plain Trainer refuses a
+                                    model with ``hf_quantizer`` and no PEFT adapter as "purely quantized")
 
 Importing this module imports ``transformers`` (``import lora_core`` does not)::
 
@@ -31,6 +33,7 @@ from torch import nn
 
 from lora_core.lora.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_state_dict, save_adapter
 
+_UNSET = object()
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name, so its own tools find the arguments
 
 
@@ -69,6 +72,25 @@ class LoraTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` that saves and resumes a lora_core model as an adapter (module docstring).
     Everything else (arguments, callbacks, optimizers, LoRA+ through ``optimizers=(lc.loraplus_optimizer(
     model, ...), None)``) is the Trainer's."""
+
+    def __init__(self, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
+        # A model loaded 4-bit by bitsandbytes keeps `hf_quantizer` after apply_lora; the Trainer refuses a
+        # quantized model without a PEFT adapter ("purely quantized"); transformers' own flag for "adapters
+        # attached" lets it through, for the constructor's check only.
+        hide = model is not None and getattr(model, "is_quantized", False) and any(
+            name.endswith("lora_A.weight") for name, _ in model.named_parameters()
+        )
+        flag = "_hf_peft_config_loaded"
+        before = model.__dict__.get(flag, _UNSET) if model is not None else _UNSET
+        if hide:
+            model.__dict__[flag] = True
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            if hide and before is _UNSET:
+                del model.__dict__[flag]
+            elif hide:
+                model.__dict__[flag] = before
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
