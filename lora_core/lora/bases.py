@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_core import dispatch
+from lora_core.lora.bnb_models import is_bnb_4bit, read_linear4bit
 from lora_core.lora.nf4_linear import nf4_linear
 from lora_core.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
@@ -50,14 +51,6 @@ def is_conv1d(module: nn.Module) -> bool:
         and isinstance(weight, Tensor)
         and weight.ndim == 2
     )
-
-
-def is_bnb_4bit(module: nn.Module) -> bool:
-    """A quantized bitsandbytes 4-bit linear layer (``bnb.nn.Linear4bit``; its ``weight`` is a ``Params4bit``
-    with a ``quant_state``), recognised without importing bitsandbytes. An unquantized one (a float weight
-    before its first ``.to(device)``) is a plain ``nn.Linear`` here."""
-    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
-    return isinstance(module, nn.Linear) and quant_state is not None and hasattr(quant_state, "as_dict")
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
@@ -229,26 +222,14 @@ class NF4Base:
 
     @classmethod
     def from_bnb(cls, module: nn.Module) -> NF4Base:
-        """Adopt a quantized bitsandbytes ``Linear4bit``'s NF4 weight as it is: its packed bytes (no copy)
-        and its quant state (absmax, code table, nested absmax / code, offset) read through bitsandbytes'
-        own serialization (``quant_state.as_dict(packed=True)``, the keys of its state dict).
+        """Adopt a quantized bitsandbytes ``Linear4bit``'s NF4 weight as it is (`read_linear4bit`: its bytes,
+        not copied); `plain_module` then rebuilds an ``nn.Linear``, not a Linear4bit.
 
         Raises:
             ValueError: not a quantized Linear4bit, or FP4 (only NF4 is supported).
         """
-        if not is_bnb_4bit(module):
-            raise ValueError(f"expected a quantized bitsandbytes Linear4bit, got {type(module).__name__}")
-        state = module.weight.quant_state
-        if getattr(state, "quant_type", "nf4") != "nf4":
-            raise ValueError(
-                f"bitsandbytes {type(module).__name__} with quant_type={state.quant_type!r}: only 'nf4' can "
-                "be adopted (load the model with BitsAndBytesConfig(bnb_4bit_quant_type='nf4'))"
-            )
-        tensors = {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}
-        tensors["weight"] = module.weight.data.as_subclass(Tensor)  # (ceil(n/2), 1) packed codes
-        q = NF4Tensor.from_bnb_state(tensors, "weight")
         plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-        return cls(q, plain)  # unload(dequantize=True) gives an nn.Linear, not a Linear4bit
+        return cls(read_linear4bit(module), plain)
 
     @classmethod
     def from_module(cls, module: nn.Module, block_size: int = 64, double_quant: bool = True) -> NF4Base:
