@@ -106,7 +106,7 @@ def test_loftq_fits_nf4_and_the_adapter_together(iters: int) -> None:
     a, _, q_ref = lc.lora.inits.loftq_factors(w, 8, 2.0, iters, 64, False)
     assert torch.equal(q.base.q.packed, q_ref.packed) and torch.equal(q.lora_A.weight, a)
     approx = lc.dequantize_nf4(q.base.q, torch.float32) + q.scaling * q.lora_B.weight @ q.lora_A.weight
-    err = float(torch.linalg.matrix_norm(approx - w))
+    err = float(torch.linalg.matrix_norm(approx.detach() - w))
     # NF4(W) + s·BA is closer to W than NF4(W) alone (QLoRA's start); a random W has a flat spectrum, so
     # rank 8 of 64 takes only part of the quantization error away
     assert err < 0.9 * _nf4_error(w)
