@@ -24,6 +24,7 @@ from lora_core.lora.multi import (
     set_adapter,
 )
 from lora_core.lora.nf4_linear import nf4_linear
+from lora_core.lora.optim import loraplus_optimizer, loraplus_param_groups
 from lora_core.lora.qlora import NF4Linear, QLoRALinear
 from lora_core.lora.surgery import (
     TrainableReport,
@@ -56,6 +57,8 @@ __all__: list[str] = [
     "apply_lora",
     "get_lora_config",
     "load_adapter",
+    "loraplus_optimizer",
+    "loraplus_param_groups",
     "merge_lora",
     "save_adapter",
     "trainable_parameters",

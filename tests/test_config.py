@@ -19,7 +19,8 @@ from lora_core import LoraConfig
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
         ({"bias": "some"}, "bias"),
-        ({"init": "olora"}, "init"),
+        ({"init": "loftq_iter_"}, "init"),
+        ({"init": "pissa_niter_"}, "init"),
         ({"task_type": "CLS"}, "task_type"),
         ({"quantize": "int8"}, "quantize"),
         ({"quant_block_size": 48}, "quant_block_size"),
@@ -87,7 +88,7 @@ def test_reads_the_config_peft_writes(tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [{"peft_type": "IA3"}, {"lora_bias": True}, {"use_qalora": True}, {"init_lora_weights": "olora"},
+    [{"peft_type": "IA3"}, {"lora_bias": True}, {"use_qalora": True}, {"init_lora_weights": "corda"},
      {"some_future_field": 3}],
 )  # fmt: skip
 def test_unsupported_peft_features_are_refused(extra):

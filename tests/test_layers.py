@@ -242,7 +242,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="r must be"):
         LoRALinear.from_linear(nn.Linear(4, 3), r=0, alpha=1.0)
     with pytest.raises(ValueError, match="init"):
-        LoRALinear.from_linear(nn.Linear(4, 3), r=1, alpha=1.0, init="olora")
+        LoRALinear.from_linear(nn.Linear(4, 3), r=1, alpha=1.0, init="corda")
     with pytest.raises(TypeError, match="Conv1D"):
         LoRALinear.from_linear(nn.Embedding(4, 3), r=1, alpha=1.0)
     layer = LoRALinear.from_linear(nn.Linear(4, 3), r=1, alpha=1.0)

@@ -16,6 +16,11 @@ and unloading need from ``W₀`` is one of these:
 `DenseBase` keeps the base's own ``weight`` Parameter (the layer registers that very object, so the
 state-dict key ``<path>.weight`` and every reference to it survive). `NF4Base` keeps an `NF4Tensor`: no
 Parameter, its tensors keep their dtypes, and its state-dict entries use bitsandbytes' names.
+
+`frozen_base_of(module)` picks the base a module already is: a frozen `NF4Linear` or a quantized
+bitsandbytes ``Linear4bit`` (a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) gives an
+`NF4Base` over the very same bytes (bitsandbytes' NF4 layout is ours, so nothing is dequantized or
+requantized: `NF4Base.from_bnb`); anything else a `DenseBase`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_core import dispatch
+from lora_core.lora.bnb_models import is_bnb_4bit, read_linear4bit
 from lora_core.lora.nf4_linear import nf4_linear
 from lora_core.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
@@ -48,8 +54,9 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of an ``nn.Linear`` or ``Conv1D``; ``None`` for anything else."""
-    if isinstance(module, nn.Linear):
+    """``(in_features, out_features)`` of an ``nn.Linear`` (bitsandbytes' ``Linear4bit`` included), a
+    ``Conv1D`` or a frozen `NF4Linear`; ``None`` for anything else."""
+    if isinstance(module, (nn.Linear, NF4Linear)):
         return module.in_features, module.out_features
     if is_conv1d(module):
         n_in, n_out = module.weight.shape
@@ -206,11 +213,44 @@ class NF4Base:
     def quantize(cls, module: nn.Module, block_size: int = 64, double_quant: bool = True) -> NF4Base:
         """Quantize ``module``'s weight (an ``nn.Linear`` or GPT-2 ``Conv1D``) to NF4."""
         w, conv = module.weight.detach(), is_conv1d(module)
+        if not w.is_floating_point():
+            raise TypeError(
+                f"cannot quantize a {type(module).__name__} holding a {w.dtype} weight to NF4: only "
+                "floating-point weights, NF4Linear and quantized bitsandbytes Linear4bit (nf4) layers"
+            )
         return cls(quantize_nf4(w.T if conv else w, block_size, double_quant), module, fan_in_fan_out=conv)
+
+    @classmethod
+    def from_bnb(cls, module: nn.Module) -> NF4Base:
+        """Adopt a quantized bitsandbytes ``Linear4bit``'s NF4 weight as it is (`read_linear4bit`: its bytes,
+        not copied); `plain_module` then rebuilds an ``nn.Linear``, not a Linear4bit.
+
+        Raises:
+            ValueError: not a quantized Linear4bit, or FP4 (only NF4 is supported).
+        """
+        plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        return cls(read_linear4bit(module), plain)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, block_size: int = 64, double_quant: bool = True) -> NF4Base:
+        """The NF4 base of ``module``: an `NF4Linear`'s own, a bitsandbytes Linear4bit's adopted bytes
+        (`from_bnb`; ``block_size`` / ``double_quant`` are then the module's), or ``module``'s dense weight
+        quantized (`quantize`)."""
+        if isinstance(module, NF4Linear):
+            return module.base
+        if is_bnb_4bit(module):
+            return cls.from_bnb(module)
+        return cls.quantize(module, block_size, double_quant)
 
     @property
     def weight(self) -> NF4Tensor:
         return self.q
+
+    def describe(self) -> str:
+        """One line for reprs: ``nf4 block_size=64, double_quant=True, dtype=bfloat16``."""
+        q = self.q
+        dtype = str(q.dtype).removeprefix("torch.")
+        return f"nf4 block_size={q.block_size}, double_quant={q.double_quant}, dtype={dtype}"
 
     @property
     def dtype(self) -> None:
@@ -359,13 +399,22 @@ class NF4Linear(HoldsFrozenBase):
         return self.base.forward(x, self.bias)
 
     def extra_repr(self) -> str:
-        q = self.base.q
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 block={q.block_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.base.describe()}"
+
+
+def frozen_base_of(module: nn.Module, fan_in_fan_out: bool) -> DenseBase | NF4Base:
+    """The frozen base ``module`` already holds: `NF4Base` for an `NF4Linear` or a quantized bitsandbytes
+    Linear4bit (its bytes adopted as they are), else `DenseBase` over its own weight Parameter."""
+    if isinstance(module, NF4Linear) or is_bnb_4bit(module):
+        return NF4Base.from_module(module)
+    return DenseBase.adopt(module, fan_in_fan_out)
 
 
 __all__ = [
     "DenseBase",
     "FrozenBase",
+    "frozen_base_of",
+    "is_bnb_4bit",
     "HoldsFrozenBase",
     "NF4Base",
     "NF4Linear",

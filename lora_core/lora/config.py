@@ -11,10 +11,13 @@ A config answers three questions:
   ``"pissa"``: Meng et al. 2024), ``quantize="nf4"`` (QLoRA, Dettmers et al. 2023).
 
 ``to_peft_dict`` / ``from_peft_dict`` translate to and from ``adapter_config.json`` as PEFT writes it
-(``lora_alpha``, ``lora_dropout``, ``init_lora_weights``). The quantization fields describe how the base
-was stored while the adapter trained: an NF4-trained adapter records them under ``lora_core_quantization``
-(PEFT ignores keys it does not know, with a warning), so ``lora-core merge`` can merge onto the same
-dequantized NF4 base it was trained against. Loading an adapter still stores the base as the caller says.
+(``lora_alpha``, ``lora_dropout``, ``init_lora_weights``), which the constructor also accepts
+(``LoraConfig(lora_alpha=16, lora_dropout=0.05, init_lora_weights="gaussian")``);
+``LoraConfig.from_peft(peft.LoraConfig(...))`` converts a PEFT config object, refusing what lora_core does
+not implement. The quantization fields describe how the base was stored while the adapter trained: an
+NF4-trained adapter records them under ``lora_core_quantization`` (PEFT ignores keys it does not know, with
+a warning), so ``lora-core merge`` can merge onto the same dequantized NF4 base it was trained against.
+Loading an adapter still stores the base as the caller says.
 """
 
 from __future__ import annotations
@@ -22,11 +25,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
+from lora_core.lora.inits import is_extra_init
+from lora_core.lora.peft_names import (
+    PEFT_ALIASES,
+    QUANT_KEY,
+    from_peft_fields,
+    init_from_peft,
+    loftq_iters,
+    peft_init,
+    plain_peft_value,
+)
+
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("default", "gaussian", "pissa")
+INIT_MODES = ("default", "gaussian", "pissa", "olora", "pissa_niter_<N>", "loftq", "loftq_iter_<N>")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM")
 QUANTIZE_MODES = ("none", "nf4")
 
@@ -36,22 +50,6 @@ TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
     "SEQ_CLS": ("classifier", "score"),
     "TOKEN_CLS": ("classifier", "score"),
 }
-
-# PEFT's `init_lora_weights` values for our `init` names.
-_INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
-
-# PEFT config keys that do not change what an adapter computes (bookkeeping), ignored on read.
-_PEFT_BOOKKEEPING = {
-    "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
-    "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "runtime_config",
-    "qalora_group_size", "layers_pattern", "lora_ga_config", "arrow_config", "ensure_weight_tying",
-}  # fmt: skip
-# Our own key in adapter_config.json: how the base was quantized during training (absent for a dense base).
-QUANT_KEY = "lora_core_quantization"
-_QUANT_FIELDS = {"quantize", "quant_block_size", "double_quant"}
-# PEFT features we do not implement: loading an adapter that uses one must fail, not compute the wrong thing.
-_PEFT_UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "target_parameters",
-                     "trainable_token_indices", "alora_invocation_tokens")  # fmt: skip
 
 
 def _str_list(value: Any, name: str) -> list[str] | str | None:
@@ -82,7 +80,10 @@ class LoraConfig:
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, Kalajdzievski 2023, Thm. 3.2).
         use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): ``W' = m · (W + sBA) / ‖W + sBA‖_row``.
         init: ``"default"`` (A kaiming-uniform with a=√5, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0),
-            ``"pissa"`` (A, B from the top-r SVD of W; W replaced by its residual; Meng et al. 2024).
+            ``"pissa"`` (A, B from the top-r SVD of W; W replaced by its residual; Meng et al. 2024),
+            ``"pissa_niter_<N>"`` (the same with a randomized SVD, N subspace iterations) or ``"olora"``
+            (A, B from W's QR decomposition; Büyükakyüz 2024), ``"loftq"`` / ``"loftq_iter_<N>"`` (LoftQ,
+            Li et al. 2023: NF4(W) and BA fitted together, N alternations): see ``lora_core.lora.inits``.
         modules_to_save: modules trained fully and saved with the adapter (names matched as suffixes).
         fan_in_fan_out: the base stores its weight as (in, out), like GPT-2's ``Conv1D``.
         task_type: ``"CAUSAL_LM" | "SEQ_CLS" | "TOKEN_CLS" | "SEQ_2_SEQ_LM"`` or None; classification tasks
@@ -95,7 +96,13 @@ class LoraConfig:
         quantize: ``"none"`` or ``"nf4"`` (store the frozen base in 4-bit NormalFloat: QLoRA).
         quant_block_size: NF4 block size (elements per absmax scale), a power of two in [16, 4096].
         double_quant: quantize the block scales too (QLoRA §3, "double quantization").
+        quantize_base: with ``quantize="nf4"``, store every other linear layer of the base in NF4 too (a
+            frozen ``NF4Linear``), except the output head and ``modules_to_save``: the whole base in 4 bit,
+            as QLoRA with bitsandbytes does. ``None`` (default): ``True`` under ``quantize="nf4"``, else
+            ``False``; ``True`` needs ``quantize="nf4"``.
         base_model_name_or_path: recorded in ``adapter_config.json`` for the reader's benefit.
+        lora_alpha, lora_dropout, init_lora_weights: PEFT's names for ``alpha``, ``dropout`` and ``init``
+            (``init_lora_weights=True`` is ``"default"``); give one name or the other, not both.
     """
 
     r: int = 8
@@ -117,9 +124,30 @@ class LoraConfig:
     quantize: str = "none"
     quant_block_size: int = 64
     double_quant: bool = True
+    quantize_base: bool | None = None
     base_model_name_or_path: str | None = None
+    # PEFT's spellings (keyword-only in practice: they come after every field above)
+    lora_alpha: InitVar[float | None] = None
+    lora_dropout: InitVar[float | None] = None
+    init_lora_weights: InitVar[bool | str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(
+        self, lora_alpha: float | None, lora_dropout: float | None, init_lora_weights: bool | str | None
+    ) -> None:
+        peft_values = {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
+        if init_lora_weights is not None:
+            peft_values["init_lora_weights"] = init_from_peft(init_lora_weights, "init_lora_weights")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for peft_name, value in peft_values.items():
+            ours = PEFT_ALIASES[peft_name]
+            if value is None:
+                continue
+            if getattr(self, ours) != defaults[ours] and getattr(self, ours) != value:
+                raise ValueError(
+                    f"{peft_name}={value!r} and {ours}={getattr(self, ours)!r} disagree; {peft_name} is "
+                    f"PEFT's name for {ours}: give one of them"
+                )
+            setattr(self, ours, value)
         _check_rank("r", self.r)
         check_alpha("alpha", self.alpha)
         check_dropout("dropout", self.dropout)
@@ -140,12 +168,18 @@ class LoraConfig:
             mts = _str_list(self.modules_to_save, "modules_to_save")
             self.modules_to_save = [mts] if isinstance(mts, str) else mts
         _check_choice("bias", self.bias, BIAS_MODES)
-        _check_choice("init", self.init, INIT_MODES)
+        if self.init not in INIT_MODES[:3] and not is_extra_init(self.init):
+            raise ValueError(f"init must be one of {list(INIT_MODES)}, got {self.init!r}")
         _check_choice("quantize", self.quantize, QUANTIZE_MODES)
         if self.task_type is not None:
             _check_choice("task_type", self.task_type, TASK_TYPES)
         for name in ("use_rslora", "use_dora", "fan_in_fan_out", "double_quant"):
             check_bool(name, getattr(self, name))
+        if self.quantize_base is None:
+            self.quantize_base = self.quantize == "nf4"
+        check_bool("quantize_base", self.quantize_base)
+        if self.quantize_base and self.quantize != "nf4":
+            raise ValueError(f"quantize_base=True needs quantize='nf4', got quantize={self.quantize!r}")
         for name in ("layers_pattern", "base_model_name_or_path"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string or None, got {getattr(self, name)!r}")
@@ -221,7 +255,7 @@ class LoraConfig:
             "bias": self.bias,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
-            "init_lora_weights": _INIT_TO_PEFT[self.init],
+            "init_lora_weights": peft_init(self.init),
             "fan_in_fan_out": self.fan_in_fan_out,
             "modules_to_save": self.modules_to_save,
             "layers_to_transform": self.layers_to_transform,
@@ -230,52 +264,39 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "inference_mode": True,
             **quant,
-        }
+            **({"loftq_config": {"loftq_bits": 4, "loftq_iter": loftq_iters(self.init)}}
+               if self.init.startswith("loftq") else {}),
+        }  # fmt: skip
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any], **overrides: Any) -> LoraConfig:
         """Read PEFT's ``adapter_config.json`` content; ``overrides`` set fields PEFT does not store
-        (``quantize``, ``quant_block_size``, ``double_quant``).
+        (``quantize``, ``quant_block_size``, ``double_quant``, ``quantize_base``).
 
         Raises:
             ValueError: not a LoRA config, or it uses a PEFT feature lora_core does not implement.
         """
-        if data.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {data.get('peft_type')!r}")
-        for key in _PEFT_UNSUPPORTED:
-            if data.get(key):
-                raise ValueError(f"adapter_config.json: {key}={data[key]!r} is not supported by lora_core")
-        init = data.get("init_lora_weights", True)
-        inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa"}
-        if not isinstance(init, (bool, str)) or init not in inits:
-            raise ValueError(
-                f"adapter_config.json: init_lora_weights={init!r} is not supported; "
-                f"allowed: true, false, 'gaussian', 'pissa'"
-            )
-        renames = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
-        own = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        recorded = data.get(QUANT_KEY) or {}
-        if not isinstance(recorded, dict) or not set(recorded) <= _QUANT_FIELDS:
-            raise ValueError(f"adapter_config.json: {QUANT_KEY}={recorded!r} is not a quantization record")
-        for key, value in {k: v for k, v in data.items() if k != QUANT_KEY}.items():
-            name = renames.get(key, key)
-            if name in own:
-                kwargs[name] = value
-            elif key not in _PEFT_BOOKKEEPING and key != "init_lora_weights" and key not in _PEFT_UNSUPPORTED:
-                if value not in (None, False, [], {}, ""):
-                    raise ValueError(f"adapter_config.json: unknown field {key}={value!r}")
-        kwargs["init"] = inits[init]
-        # PEFT keys its config's `rank_pattern` etc. with JSON-safe types already; `layers_pattern` may be
-        # a one-element list in newer PEFT versions.
-        lp = kwargs.get("layers_pattern")
-        if isinstance(lp, list):
-            if len(lp) != 1:
-                raise ValueError(f"adapter_config.json: layers_pattern={lp!r}: only one pattern is supported")
-            kwargs["layers_pattern"] = lp[0]
-        kwargs.update(recorded)  # what the adapter was trained on, unless the caller says otherwise
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return from_peft_fields(cls, data, "adapter_config.json", overrides, strict_init=False)
+
+    @classmethod
+    def from_peft(cls, peft_config: Any, **overrides: Any) -> LoraConfig:
+        """Convert a ``peft.LoraConfig`` object (what ``get_peft_model`` takes) into a ``LoraConfig``:
+        ``lora_alpha`` → ``alpha``, ``lora_dropout`` → ``dropout``, ``init_lora_weights`` → ``init``, the
+        rest by name. ``overrides`` set lora_core's own fields (e.g. ``quantize="nf4"``).
+
+        Raises:
+            TypeError: ``peft_config`` is not a ``peft.LoraConfig``.
+            ValueError: it uses a PEFT feature lora_core does not implement (DoRA's and rsLoRA's do exist;
+                e.g. ``lora_bias``, ``use_qalora``, ``layer_replication``, ``target_parameters``,
+                ``init_lora_weights="loftq"`` or ``False`` are refused, naming the field).
+        """
+        kind = type(peft_config)
+        from_peft = kind.__name__ == "LoraConfig" and kind.__module__.startswith("peft.")
+        if not from_peft or not dataclasses.is_dataclass(peft_config):
+            raise TypeError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}")
+        fields = dataclasses.fields(peft_config)
+        data = {f.name: plain_peft_value(getattr(peft_config, f.name)) for f in fields}
+        return from_peft_fields(cls, data, "peft_config", overrides, strict_init=True)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from lora_core import dispatch
 from lora_core.lora import functional
-from lora_core.lora.bases import DenseBase, FrozenBase, NF4Base, is_conv1d, linear_features
+from lora_core.lora.bases import DenseBase, FrozenBase, NF4Base, frozen_base_of, is_conv1d, linear_features
 from lora_core.lora.config import check_bool
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
 from lora_core.lora.slots import BASE, DEFAULT, AdapterSpec, HoldsAdapters, check_adapter_name
@@ -107,7 +107,7 @@ class LoRALinear(HoldsAdapters):
 
         # The frozen base. A dense one keeps the module's own Parameter, registered here under `weight`
         # (directly: `weight` is a property showing base.weight), so its key and every reference survive.
-        self.base = frozen if frozen is not None else DenseBase.adopt(base, fan_in_fan_out)
+        self.base = frozen if frozen is not None else frozen_base_of(base, fan_in_fan_out)  # NF4 stays NF4
         if isinstance(self.base, DenseBase):
             self._parameters["weight"] = self.base.weight
         self.bias = base.bias  # (out,) or None

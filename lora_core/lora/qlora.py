@@ -18,9 +18,12 @@ tensors and keep their dtypes; ``.half()`` never touches them (the scales stay f
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from lora_core.lora.bases import NF4Base, NF4Linear
+from lora_core.lora import inits
+from lora_core.lora.bases import NF4Base, NF4Linear, is_bnb_4bit, is_conv1d
 from lora_core.lora.layer import LoRALinear
 
 
@@ -29,7 +32,9 @@ class QLoRALinear(LoRALinear):
     alpha=..., quant_block_size=64, double_quant=True)`` or ``apply_lora`` with ``quantize="nf4"``.
 
     Args:
-        base, r, alpha, dropout, use_rslora, use_dora, fan_in_fan_out: as in ``LoRALinear``.
+        base, r, alpha, dropout, use_rslora, use_dora, fan_in_fan_out: as in ``LoRALinear``. ``base`` may
+            already be 4-bit: a bitsandbytes ``Linear4bit`` (nf4) or an `NF4Linear` gives its NF4 bytes
+            as they are (then the two settings below are the module's, not these).
         quant_block_size: NF4 block size, a power of two in [16, 4096] (QLoRA: 64).
         double_quant: quantize the block scales too (QLoRA §3, "Double Quantization").
         adapter_name: the first adapter's name, as in ``LoRALinear``.
@@ -42,9 +47,25 @@ class QLoRALinear(LoRALinear):
     ) -> None:  # fmt: skip
         super().__init__(
             base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
-            fan_in_fan_out=fan_in_fan_out, frozen=NF4Base.quantize(base, quant_block_size, double_quant),
+            fan_in_fan_out=fan_in_fan_out, frozen=NF4Base.from_module(base, quant_block_size, double_quant),
             adapter_name=adapter_name,
         )  # fmt: skip
+
+    @classmethod
+    def from_linear(cls, base: nn.Module, *, init: str = "default", **kwargs: Any) -> LoRALinear:
+        """As ``LoRALinear.from_linear``; LoftQ (``init="loftq"`` / ``"loftq_iter_<N>"``) starts from
+        ``base``'s dense weight (not from its NF4 copy) and leaves its ``Q`` as the base."""
+        dense = not (isinstance(base, NF4Linear) or is_bnb_4bit(base))
+        if not (dense and isinstance(init, str) and inits.LOFTQ.fullmatch(init)):
+            return super().from_linear(base, init=init, **kwargs)
+        w = base.weight.detach()
+        layer = cls(base, **kwargs)
+        layer._loftq_source = w.T if is_conv1d(base) else w  # (out, in), taken by inits.apply_extra_init
+        layer.reset_lora_parameters(init, layer.adapter_names()[0])
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.base.describe()}"
 
     @property
     def requantization_error(self) -> float | None:

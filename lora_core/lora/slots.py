@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lora_core.lora import functional
+from lora_core.lora import functional, inits
 from lora_core.lora.bases import HoldsFrozenBase
 from lora_core.lora.config import check_alpha, check_bool, check_dropout
 
@@ -266,8 +266,8 @@ class HoldsAdapters(HoldsFrozenBase):
             nn.init.zeros_(b)
         elif init == "pissa":
             self._pissa_init(a, b, spec)
-        else:
-            raise ValueError(f"init must be one of ['default', 'gaussian', 'pissa'], got {init!r}")
+        else:  # "olora", "pissa_niter_<N>", "loftq..." (lora_core.lora.inits); ValueError for anything else
+            inits.apply_extra_init(self, init, a, b, spec.r, spec.scaling)
         if spec.use_dora:
             self.magnitude(adapter_name).copy_(self._dora_norm(adapter_name, a.dtype))
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from lora_core.lora.config import TASK_MODULES_TO_SAVE, LoraConfig
 from lora_core.lora.layer import LoRALinear
+from lora_core.lora.quantize_base import frozen_linear_paths, quantize_frozen_linears
 from lora_core.lora.registry import (
     _ACTIVE_ATTR,
     _CONFIG_ATTR,
@@ -272,6 +273,7 @@ def apply_lora(
         if r > min(n_in, n_out):
             raise ValueError(f"r={r} is larger than min(in, out)={min(n_in, n_out)} of module {path!r}")
         plan.append((path, r, alpha))
+    rest = frozen_linear_paths(model, set(paths) | _output_head(model), to_save) if cfg.quantize_base else []
 
     if existing:
         return add_model_adapter(model, cfg, adapter_name, plan, cls, extra, device)
@@ -291,6 +293,7 @@ def apply_lora(
         else:
             new_root = layer
     root = new_root if new_root is not None else model
+    quantize_frozen_linears(root, rest, cfg.quant_block_size, cfg.double_quant, device)  # cfg.quantize_base
     if device is not None:
         root.to(device)  # the rest (embeddings, norms, head); NF4 weights keep their dtypes
     for _, layer in lora_layers(root):

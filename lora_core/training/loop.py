@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lora_core.atomic import atomic_write, atomic_write_text
+from lora_core.lora.optim import loraplus_optimizer, loraplus_param_groups
 from lora_core.training.config import TrainConfig
 from lora_core.training.data import IGNORE_INDEX, collate
 from lora_core.training.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
@@ -167,19 +167,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups keyed by (lr multiplier, weight decay): LoRA+, ``lr_groups``, no decay on 1-D params."""
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        scale = next((s for pat, s in cfg.lr_groups.items() if re.search(pat, name)), 1.0)
-        if cfg.loraplus_lr_ratio is not None and "lora_B" in name:
-            scale *= cfg.loraplus_lr_ratio
-        wd = cfg.weight_decay if p.dim() >= 2 else 0.0
-        groups.setdefault((scale, wd), []).append(p)
-    if not groups:
-        raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
-    return [{"params": ps, "lr": cfg.lr * s, "weight_decay": wd} for (s, wd), ps in groups.items()]
+    """AdamW groups keyed by (lr multiplier, weight decay): LoRA+, ``lr_groups``, no decay on 1-D params
+    (`lora_core.lora.optim.loraplus_param_groups`, the one copy)."""
+    ratio = cfg.loraplus_lr_ratio if cfg.loraplus_lr_ratio is not None else 1.0
+    return loraplus_param_groups(model, cfg.lr, ratio, cfg.weight_decay, cfg.lr_groups)
 
 
 class _Progress:
@@ -298,7 +289,11 @@ def train(
             raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    optimizer = loraplus_optimizer(
+        model, lr=cfg.lr, ratio=cfg.loraplus_lr_ratio if cfg.loraplus_lr_ratio is not None else 1.0,
+        optimizer_cls=torch.optim.AdamW, weight_decay=cfg.weight_decay, lr_groups=cfg.lr_groups,
+        betas=cfg.adam_betas, eps=cfg.adam_eps,
+    )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
     )

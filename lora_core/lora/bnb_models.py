@@ -1,0 +1,47 @@
+"""bitsandbytes' 4-bit layers as lora_core reads them, without importing bitsandbytes.
+
+A model loaded with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` holds
+``bnb.nn.Linear4bit`` modules: an ``nn.Linear`` whose ``weight`` is a ``Params4bit`` (uint8, the packed
+codes, ``(ceil(n/2), 1)``) with a ``quant_state`` (absmax, code table, block size, dtype, shape, and with
+double quantization the nested absmax / code / offset). That is lora_core's NF4 layout
+(`lora_core.quant.nf4`) byte for byte, so `read_linear4bit` wraps the very same storage in an `NF4Tensor`:
+nothing is dequantized, requantized or copied. It reads the quant state through bitsandbytes' own
+serialization (``quant_state.as_dict(packed=True)``: the keys its ``state_dict`` writes) and the checks of
+`NF4Tensor.from_bnb_state`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lora_core.quant.nf4 import NF4Tensor
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """A quantized bitsandbytes 4-bit linear layer (``bnb.nn.Linear4bit``; its ``weight`` is a ``Params4bit``
+    with a ``quant_state``), recognised without importing bitsandbytes. An unquantized one (a float weight
+    before its first ``.to(device)``) is a plain ``nn.Linear`` here."""
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return isinstance(module, nn.Linear) and quant_state is not None and hasattr(quant_state, "as_dict")
+
+
+def read_linear4bit(module: nn.Module) -> NF4Tensor:
+    """The NF4 weight of a quantized bitsandbytes ``Linear4bit`` (module docstring), sharing its bytes.
+
+    Raises:
+        ValueError: not a quantized Linear4bit, or FP4 (only NF4 is supported).
+    """
+    if not is_bnb_4bit(module):
+        raise ValueError(f"expected a quantized bitsandbytes Linear4bit, got {type(module).__name__}")
+    state = module.weight.quant_state
+    if getattr(state, "quant_type", "nf4") != "nf4":
+        raise ValueError(
+            f"bitsandbytes {type(module).__name__} with quant_type={state.quant_type!r}: only 'nf4' can "
+            "be adopted (load the model with BitsAndBytesConfig(bnb_4bit_quant_type='nf4'))"
+        )
+    tensors = {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+    tensors["weight"] = module.weight.data.as_subclass(Tensor)  # (ceil(n/2), 1) packed codes
+    return NF4Tensor.from_bnb_state(tensors, "weight")
+
+
+__all__ = ["is_bnb_4bit", "read_linear4bit"]
