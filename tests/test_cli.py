@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(not SCRIPT.exists(), reason="lora-core console s
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=180)
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=900)
 
 
 @pytest.fixture(scope="module")

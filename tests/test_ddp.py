@@ -55,7 +55,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=900,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run(
@@ -73,7 +73,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=900,
     )
     assert single.returncode == 0, single.stderr[-3000:]
 

@@ -36,7 +36,7 @@ def test_figure_script_writes_pngs(script: str, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / script), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"},
+        capture_output=True, text=True, timeout=900, env={**os.environ, "MPLBACKEND": "Agg"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for name in EXPECTED[script]:

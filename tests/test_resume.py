@@ -18,7 +18,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def run_worker(out: Path, *args: str) -> None:
     cmd = [sys.executable, str(WORKER), "--out", str(out), "--steps", "10", "--checkpoint-every", "3", *args]
-    subprocess.run(cmd, check=True, env=ENV, capture_output=True, timeout=120)
+    subprocess.run(cmd, check=True, env=ENV, capture_output=True, timeout=900)
 
 
 @pytest.mark.slow
