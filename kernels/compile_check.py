@@ -191,7 +191,7 @@ def _activation(rows: int, cols: int, dtype: torch.dtype, layout: str) -> torch.
 
 def capture(case: Case, arch: int) -> list[Launch]:
     """The launches one launcher call makes (the configuration it chooses on ``arch``)."""
-    from lora_core import kernels
+    import lora_core.kernels as kernels
 
     dtype = getattr(torch, case.dtype)
     q = fake_nf4(case.n, case.k, case.block_size, case.double_quant)
