@@ -154,8 +154,6 @@ def test_save_quantized_on_a_full_disk_keeps_the_old_file(tmp_path: Path, monkey
 
 
 def test_a_failing_merge_leaves_nothing_at_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
-
     import safetensors.torch
 
     import lora_core as lc
@@ -165,7 +163,8 @@ def test_a_failing_merge_leaves_nothing_at_out(tmp_path: Path, monkeypatch: pyte
     lc.save_adapter(model, tmp_path / "adapter")
     # The tiny model's save_pretrained writes config.json, then the weights: the disk fills up on the second.
     monkeypatch.setattr(safetensors.torch, "save_file", _half_then_disk_full)
-    args = argparse.Namespace(adapter=str(tmp_path / "adapter"), out=str(tmp_path / "merged"), model="tiny")
+    argv = ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"), "--model", "tiny"]
+    args = cli.build_parser().parse_args(argv)
     with pytest.raises(OSError, match="No space"):
         cli.merge(args)
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]

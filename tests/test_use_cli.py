@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not SCRIPT.exists(), reason="lora-core console s
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=900)
 
 
 def in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
