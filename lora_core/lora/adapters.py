@@ -37,7 +37,7 @@ from torch import nn
 
 from lora_core.atomic import atomic_write_dir
 from lora_core.lora.config import LoraConfig
-from lora_core.lora.registry import adapter_configs, features_of, lora_layers
+from lora_core.lora.registry import adapter_configs, check_new_adapter_name, features_of, lora_layers
 from lora_core.lora.slots import DEFAULT, check_adapter_name
 from lora_core.lora.surgery import apply_lora, find_modules_to_save, find_targets, get_lora_config
 
@@ -294,13 +294,8 @@ def load_adapter(
         path, quantize=quantize, quant_block_size=quant_block_size, double_quant=double_quant
     )
     check_adapter_name(adapter_name)
+    check_new_adapter_name(model, adapter_name, "load it under another adapter_name")
     existing = adapter_configs(model)
-    if adapter_name in existing:
-        raise ValueError(
-            f"the model already has LoRA layers with an adapter named {adapter_name!r} "
-            f"(adapters: {list(existing)}); "
-            "load it under another adapter_name"
-        )
     expected = _expected_tensors(model, cfg)
     optional = _optional_tensors(model, cfg, expected)
     params = dict(model.named_parameters())

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_core.lora.config import LoraConfig
-from lora_core.lora.registry import _CONFIGS_ATTR, adapter_configs, lora_layers
+from lora_core.lora.registry import CONFIGS_ATTR, adapter_configs, lora_layers
 from lora_core.lora.slots import check_adapter_name
 
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -232,7 +232,7 @@ def add_weighted_adapter(
             new_b[:, : b.shape[1]] = b.to(new_b.dtype)
         for p in layer.adapter_parameters(adapter_name):
             p.requires_grad_(False)
-    object.__setattr__(model, _CONFIGS_ATTR, {**configs, adapter_name: cfg})
+    object.__setattr__(model, CONFIGS_ATTR, {**configs, adapter_name: cfg})
 
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter", "majority_sign_mask", "merge_tensors", "prune"]

@@ -25,9 +25,9 @@ from torch import nn
 
 from lora_core.lora.layer import LoRALinear
 from lora_core.lora.registry import (
-    _ACTIVE_ATTR,
-    _CONFIG_ATTR,
-    _CONFIGS_ATTR,
+    ACTIVE_ATTR,
+    CONFIG_ATTR,
+    CONFIGS_ATTR,
     adapter_configs,
     lora_layers,
     replace_module,
@@ -48,7 +48,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     """
     if not adapter_configs(model):
         raise ValueError("the model has no LoRA layers (apply_lora or load_adapter first)")
-    return list(getattr(model, _ACTIVE_ATTR))
+    return list(getattr(model, ACTIVE_ATTR))
 
 
 def _names(model: nn.Module, names: object, what: str, allowed: Sequence[str] = ()) -> list[str]:
@@ -84,7 +84,7 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
         for name in layer.adapter_names():
             for p in layer.adapter_parameters(name):
                 p.requires_grad_(name in names)
-    object.__setattr__(model, _ACTIVE_ATTR, names)
+    object.__setattr__(model, ACTIVE_ATTR, names)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -113,9 +113,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             replace_module(model, path, layer.base.plain_module(None, layer.bias, layer.training))
     configs = adapter_configs(model) if any(True for _ in lora_layers(model)) else {}
     configs.pop(name, None)
-    object.__setattr__(model, _CONFIGS_ATTR, configs)
+    object.__setattr__(model, CONFIGS_ATTR, configs)
     if configs:
-        object.__setattr__(model, _CONFIG_ATTR, next(iter(configs.values())))
+        object.__setattr__(model, CONFIG_ATTR, next(iter(configs.values())))
 
 
 @contextmanager

@@ -18,9 +18,9 @@ from lora_core.lora.config import LoraConfig
 from lora_core.lora.layer import LoRALinear, linear_features
 from lora_core.lora.slots import DEFAULT
 
-_CONFIG_ATTR = "_lora_config"
-_CONFIGS_ATTR = "_lora_configs"  # {adapter name: LoraConfig}, in the order the adapters were added
-_ACTIVE_ATTR = "_lora_active"  # [adapter name]: what set_adapter chose
+CONFIG_ATTR = "_lora_config"
+CONFIGS_ATTR = "_lora_configs"  # {adapter name: LoraConfig}, in the order the adapters were added
+ACTIVE_ATTR = "_lora_active"  # [adapter name]: what set_adapter chose
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -41,7 +41,17 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """``{adapter name: its LoraConfig}`` of ``model`` (empty without LoRA layers)."""
     if not any(True for _ in lora_layers(model)):
         return {}
-    return dict(getattr(model, _CONFIGS_ATTR, None) or {DEFAULT: getattr(model, _CONFIG_ATTR)})
+    return dict(getattr(model, CONFIGS_ATTR, None) or {DEFAULT: getattr(model, CONFIG_ATTR)})
+
+
+def check_new_adapter_name(model: nn.Module, name: str, hint: str) -> None:
+    """A ValueError naming the model's adapters when ``name`` is taken (``hint``: what to do instead)."""
+    existing = adapter_configs(model)
+    if name in existing:
+        raise ValueError(
+            f"the model already has LoRA layers with an adapter named {name!r} (adapters: {list(existing)}); "
+            f"{hint}"
+        )
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -59,7 +69,7 @@ def add_model_adapter(
     extra: dict[str, object], device: torch.device | None,
 ) -> nn.Module:  # fmt: skip
     """``apply_lora`` on a model with adapters: a new, inactive, frozen adapter ``name`` on each target."""
-    active = list(getattr(model, _ACTIVE_ATTR, []))
+    active = list(getattr(model, ACTIVE_ATTR, []))
     for path, r, alpha in plan:
         module = model.get_submodule(path) if path else model
         kwargs = dict(r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
@@ -78,7 +88,7 @@ def add_model_adapter(
         for p in layer.adapter_parameters(name):
             p.requires_grad_(False)
     configs = {**adapter_configs(model), name: _saved_targets(cfg, [p for p, _, _ in plan])}
-    object.__setattr__(model, _CONFIGS_ATTR, configs)
+    object.__setattr__(model, CONFIGS_ATTR, configs)
     return model
 
 

@@ -27,11 +27,12 @@ from lora_core.lora.config import TASK_MODULES_TO_SAVE, LoraConfig
 from lora_core.lora.layer import LoRALinear
 from lora_core.lora.quantize_base import frozen_linear_paths, quantize_frozen_linears
 from lora_core.lora.registry import (
-    _ACTIVE_ATTR,
-    _CONFIG_ATTR,
-    _CONFIGS_ATTR,
+    ACTIVE_ATTR,
+    CONFIG_ATTR,
+    CONFIGS_ATTR,
     adapter_configs,
     add_model_adapter,
+    check_new_adapter_name,
     features_of,
     lora_layers,
     replace_module,
@@ -39,7 +40,7 @@ from lora_core.lora.registry import (
 from lora_core.lora.slots import DEFAULT, check_adapter_name
 from lora_core.quant.nf4 import NF4Tensor
 
-_REQUIRES_GRAD_ATTR = "_lora_requires_grad"  # the parameters' flags before apply_lora, restored by unload
+REQUIRES_GRAD_ATTR = "_lora_requires_grad"  # the parameters' flags before apply_lora, restored by unload
 _LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 # target_modules=None: the attention projections PEFT adapts by default for a few architectures.
@@ -240,13 +241,8 @@ def apply_lora(
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"cfg must be a lora_core.LoraConfig, got {type(cfg).__name__}")
     check_adapter_name(adapter_name)
+    check_new_adapter_name(model, adapter_name, "choose another adapter_name or delete_adapter it first")
     existing = adapter_configs(model)
-    if adapter_name in existing:
-        raise ValueError(
-            f"the model already has LoRA layers with an adapter named {adapter_name!r} "
-            f"(adapters: {list(existing)}); "
-            "choose another adapter_name or delete_adapter it first"
-        )
     if existing and (cfg.effective_modules_to_save() or cfg.bias != "none"):
         raise ValueError(
             f"adapter {adapter_name!r}: only the first adapter ({next(iter(existing))!r}) may train "
@@ -318,10 +314,10 @@ def apply_lora(
             "target_modules": targets or cfg.target_modules,
         }
     )
-    object.__setattr__(root, _CONFIG_ATTR, saved_cfg)
-    object.__setattr__(root, _CONFIGS_ATTR, {adapter_name: saved_cfg})
-    object.__setattr__(root, _ACTIVE_ATTR, [adapter_name])
-    object.__setattr__(root, _REQUIRES_GRAD_ATTR, flags)
+    object.__setattr__(root, CONFIG_ATTR, saved_cfg)
+    object.__setattr__(root, CONFIGS_ATTR, {adapter_name: saved_cfg})
+    object.__setattr__(root, ACTIVE_ATTR, [adapter_name])
+    object.__setattr__(root, REQUIRES_GRAD_ATTR, flags)
     return root
 
 
@@ -331,7 +327,7 @@ def get_lora_config(model: nn.Module) -> LoraConfig:
     Raises:
         ValueError: the model has no LoRA layers.
     """
-    cfg = getattr(model, _CONFIG_ATTR, None)
+    cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is None or not any(True for _ in lora_layers(model)):
         raise ValueError("the model has no LoRA layers (apply_lora or load_adapter first)")
     return cfg
@@ -404,10 +400,10 @@ def unload_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
         for path, layer in list(lora_layers(model)):
             replace_module(model, path, layer.unload(dequantize=dequantize))
         root = model
-    flags = getattr(model, _REQUIRES_GRAD_ATTR, {})
+    flags = getattr(model, REQUIRES_GRAD_ATTR, {})
     for name, p in root.named_parameters():
         p.requires_grad_(flags.get(name, True))
-    for attr in (_CONFIG_ATTR, _CONFIGS_ATTR, _ACTIVE_ATTR, _REQUIRES_GRAD_ATTR):
+    for attr in (CONFIG_ATTR, CONFIGS_ATTR, ACTIVE_ATTR, REQUIRES_GRAD_ATTR):
         if attr in model.__dict__:
             object.__delattr__(model, attr)
     return root
