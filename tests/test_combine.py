@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_llama import tiny_llama_model
 from torch import nn
 
 import lora_core as lc
@@ -21,18 +22,10 @@ IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def _pair(path: Path, r_b: int, targets_b: list[str] = TARGETS) -> tuple[nn.Module, nn.Module]:
     """PEFT's model with adapters "a" (r=4) and "b" (r=r_b), random factors; ours loaded from its files."""
-    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), "a")
+    cfg_a = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    theirs = peft.get_peft_model(tiny_llama_model(), cfg_a, "a")
     theirs.add_adapter("b", peft.LoraConfig(r=r_b, lora_alpha=3, target_modules=targets_b))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -40,7 +33,7 @@ def _pair(path: Path, r_b: int, targets_b: list[str] = TARGETS) -> tuple[nn.Modu
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     theirs.save_pretrained(path)
-    ours = lc.load_adapter(_llama(), path / "a", adapter_name="a")
+    ours = lc.load_adapter(tiny_llama_model(), path / "a", adapter_name="a")
     lc.load_adapter(ours, path / "b", adapter_name="b")
     return theirs.eval(), ours
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_llama import tiny_llama_model
 from torch import nn
 
 import lora_core as lc
@@ -22,15 +23,6 @@ transformers = pytest.importorskip("transformers")
 IDS = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(0))
 CFG_DEFAULT = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 CFG_FR = {"r": 2, "lora_alpha": 6, "target_modules": ["v_proj", "down_proj"], "use_dora": True}
-
-
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _randomize(model: nn.Module, seed: int) -> None:
@@ -49,7 +41,7 @@ def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def peft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """PEFT's save_pretrained of a model with adapters "default" and "fr": default at the root, fr/."""
-    model = peft.get_peft_model(_llama(), peft.LoraConfig(**CFG_DEFAULT))
+    model = peft.get_peft_model(tiny_llama_model(), peft.LoraConfig(**CFG_DEFAULT))
     model.add_adapter("fr", peft.LoraConfig(**CFG_FR))
     _randomize(model, 1)
     path = tmp_path_factory.mktemp("peft") / "adapters"
@@ -58,13 +50,13 @@ def peft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _peft_model(path: Path) -> nn.Module:
-    model = peft.PeftModel.from_pretrained(_llama(), path)
+    model = peft.PeftModel.from_pretrained(tiny_llama_model(), path)
     model.load_adapter(path / "fr", adapter_name="fr")
     return model.eval()
 
 
 def _ours(path: Path) -> nn.Module:
-    model = lc.load_adapter(_llama(), path)
+    model = lc.load_adapter(tiny_llama_model(), path)
     return lc.load_adapter(model, path / "fr", adapter_name="fr")
 
 
@@ -73,7 +65,7 @@ def test_peft_layout_loads_and_every_switch_matches_peft(peft_dir: Path) -> None
     assert (peft_dir / "fr" / "adapter_model.safetensors").is_file()
     assert lc.list_adapters(ours) == ["default", "fr"]
     assert lc.active_adapters(ours) == ["default"]  # loading one more does not switch (PEFT's rule)
-    base = _logits(_llama())
+    base = _logits(tiny_llama_model())
     alone = {}
     for active in ("default", "fr"):
         theirs.base_model.set_adapter(active)
@@ -92,11 +84,11 @@ def test_two_active_lora_adapters_add_their_updates_like_peft(tmp_path: Path) ->
     """Several active adapters: PEFT's sum of updates. (With a DoRA adapter among several active ones PEFT
     rescales the other adapters' updates too, an order-dependent result; lora_core adds each adapter's own
     update, which test_several_active_fused_equals_reference checks layer by layer.)"""
-    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(**CFG_DEFAULT))
+    theirs = peft.get_peft_model(tiny_llama_model(), peft.LoraConfig(**CFG_DEFAULT))
     theirs.add_adapter("b", peft.LoraConfig(**{**CFG_FR, "use_dora": False, "use_rslora": True}))
     _randomize(theirs, 2)
     theirs.save_pretrained(tmp_path / "a")
-    ours = lc.load_adapter(_llama(), tmp_path / "a")
+    ours = lc.load_adapter(tiny_llama_model(), tmp_path / "a")
     lc.load_adapter(ours, tmp_path / "a" / "b", adapter_name="b")
     theirs.base_model.set_adapter(["default", "b"])
     lc.set_adapter(ours, ["default", "b"])
@@ -137,12 +129,12 @@ def test_save_adapter_multi_layout_loads_in_peft(peft_dir: Path, tmp_path: Path)
         torch.testing.assert_close(_logits(theirs), _logits(ours), atol=1e-5, rtol=1e-5)
     lc.save_adapter(ours, tmp_path / "only_fr", adapter_names=["fr"])
     assert not (tmp_path / "only_fr" / "adapter_config.json").exists()
-    again = lc.load_adapter(_llama(), tmp_path / "only_fr" / "fr", adapter_name="fr")
+    again = lc.load_adapter(tiny_llama_model(), tmp_path / "only_fr" / "fr", adapter_name="fr")
     torch.testing.assert_close(_logits(again), _logits(ours), atol=1e-6, rtol=1e-6)
 
 
 def test_apply_lora_adds_inactive_frozen_adapter_and_set_adapter_trains_it() -> None:
-    model = lc.apply_lora(_llama(), lc.LoraConfig(r=4, target_modules=["q_proj"]))
+    model = lc.apply_lora(tiny_llama_model(), lc.LoraConfig(r=4, target_modules=["q_proj"]))
     lc.apply_lora(model, lc.LoraConfig(r=2, target_modules=["q_proj", "o_proj"]), adapter_name="b")
     o_proj = model.model.layers[0].self_attn.o_proj
     assert isinstance(o_proj, lc.LoRALinear) and o_proj.active_adapters == []
@@ -183,7 +175,7 @@ def test_delete_adapter_drops_its_tensors_and_empty_layers(peft_dir: Path) -> No
     assert not any(".fr." in k or "magnitude" in k for k in model.state_dict())
     mlp = model.model.layers[0].mlp.down_proj  # only "fr" adapted it
     assert type(mlp) is nn.Linear
-    torch.testing.assert_close(_logits(model), _logits(lc.load_adapter(_llama(), peft_dir)))
+    torch.testing.assert_close(_logits(model), _logits(lc.load_adapter(tiny_llama_model(), peft_dir)))
     lc.load_adapter(model, peft_dir / "fr", adapter_name="fr")
     lc.set_adapter(model, "fr")
     lc.delete_adapter(model, "default")
@@ -194,7 +186,7 @@ def test_delete_adapter_drops_its_tensors_and_empty_layers(peft_dir: Path) -> No
 def test_disable_adapter_restores_state_on_error_and_around_a_merge(peft_dir: Path) -> None:
     model = _ours(peft_dir)
     lc.set_adapter(model, ["default", "fr"])
-    adapted, base = _logits(model), _logits(_llama())
+    adapted, base = _logits(model), _logits(tiny_llama_model())
     with pytest.raises(RuntimeError), lc.disable_adapter(model):
         torch.testing.assert_close(_logits(model), base)
         raise RuntimeError("inside")
@@ -229,7 +221,7 @@ def test_merge_named_adapters_one_after_the_other_then_unmerge(peft_dir: Path) -
     torch.testing.assert_close(_logits(model), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         model.model.layers[0].self_attn.v_proj.weight,
-        _llama().model.layers[0].self_attn.v_proj.weight,
+        tiny_llama_model().model.layers[0].self_attn.v_proj.weight,
         atol=1e-5,
         rtol=0,
     )
@@ -269,7 +261,7 @@ def _alone(layer: lc.LoRALinear, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_single_default_adapter_keeps_its_keys_and_attributes() -> None:
-    model = lc.apply_lora(_llama(), lc.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    model = lc.apply_lora(tiny_llama_model(), lc.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     keys = {k for k in model.state_dict() if "lora_" in k}
     assert keys == {
         f"model.layers.{i}.self_attn.q_proj.{leaf}"
@@ -310,11 +302,11 @@ def test_mixed_batch_equals_each_row_with_its_adapter_alone(peft_dir: Path) -> N
 
 
 def test_mixed_batch_equals_peft_adapter_names(tmp_path: Path) -> None:
-    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(**CFG_DEFAULT))
+    theirs = peft.get_peft_model(tiny_llama_model(), peft.LoraConfig(**CFG_DEFAULT))
     theirs.add_adapter("b", peft.LoraConfig(**{**CFG_FR, "use_dora": False}))
     _randomize(theirs, 4)
     theirs.eval().save_pretrained(tmp_path / "a")
-    ours = lc.load_adapter(_llama(), tmp_path / "a")
+    ours = lc.load_adapter(tiny_llama_model(), tmp_path / "a")
     lc.load_adapter(ours, tmp_path / "a" / "b", adapter_name="b")
     rows = ["b", "default", "__base__"]
     with torch.no_grad():
@@ -383,13 +375,14 @@ def test_mixed_batch_on_an_nf4_base() -> None:
 def test_a_first_adapter_with_another_name_saves_in_its_subfolder(tmp_path: Path) -> None:
     """As PEFT's ``get_peft_model(..., adapter_name="x")``: keys ``lora_A.x.weight``, files in ``path/x``."""
     cfg = lc.LoraConfig(r=2, target_modules=["q_proj"], init="gaussian")
-    model = lc.apply_lora(_llama(), cfg, adapter_name="x")
+    model = lc.apply_lora(tiny_llama_model(), cfg, adapter_name="x")
     assert lc.list_adapters(model) == ["x"] and lc.active_adapters(model) == ["x"]
     assert "model.layers.0.self_attn.q_proj.lora_A.x.weight" in model.state_dict()
     _randomize(model, 5)
     lc.save_adapter(model, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]
-    theirs = peft.PeftModel.from_pretrained(_llama(), tmp_path / "out" / "x", adapter_name="x").eval()
+    folder = tmp_path / "out" / "x"
+    theirs = peft.PeftModel.from_pretrained(tiny_llama_model(), folder, adapter_name="x").eval()
     torch.testing.assert_close(_logits(model), _logits(theirs), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="not allowed"):
         lc.apply_lora(model, lc.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="forward")

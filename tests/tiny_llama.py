@@ -74,3 +74,17 @@ def save_tiny_llama(folder: str | Path, tie: bool = False, seed: int = 0) -> Pat
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_llama_model(seed: int = 0):
+    """A random 2-layer Llama (hidden 32, 4 query / 2 key-value heads, vocabulary 64) in eval mode, for
+    tests that compare adapters with PEFT's on the same weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()

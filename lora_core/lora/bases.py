@@ -36,9 +36,8 @@ from torch import Tensor, nn
 from lora_core import dispatch
 from lora_core.lora.bnb_models import is_bnb_4bit, read_linear4bit
 from lora_core.lora.nf4_linear import nf4_linear
+from lora_core.quant.bnb import QUANT_STATE_SUFFIX
 from lora_core.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-
-QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -40,6 +40,9 @@ from typing import Any
 
 import torch
 
+# The key suffix of the JSON blob that marks a bitsandbytes NF4 weight (``<weight key>`` + this).
+QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
+
 # ---------------------------------------------------------------------------------------------------------
 # The 8-bit dynamic map (nested absmax)
 # ---------------------------------------------------------------------------------------------------------
@@ -164,7 +167,7 @@ def to_bnb_state(q: Any, prefix: str = "weight") -> dict[str, torch.Tensor]:
             nested_offset=float(q.offset.item()),
         )
     blob = json.dumps(meta).encode("utf-8")
-    out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
+    out[prefix + QUANT_STATE_SUFFIX] = torch.tensor(list(blob), dtype=torch.uint8)
     return out
 
 
@@ -256,7 +259,7 @@ def read_bnb_fields(tensors: dict[str, torch.Tensor], prefix: str = "weight") ->
             recorded shape; a NaN / inf table or scale, or a negative scale.
         TypeError: an entry that is not a tensor.
     """
-    key = f"{prefix}.quant_state.bitsandbytes__nf4"
+    key = prefix + QUANT_STATE_SUFFIX
     if key not in tensors:
         fp4 = f"{prefix}.quant_state.bitsandbytes__fp4"
         if fp4 in tensors:
@@ -294,4 +297,11 @@ def read_bnb_fields(tensors: dict[str, torch.Tensor], prefix: str = "weight") ->
     )
 
 
-__all__ = ["check_bnb_scales", "check_nf4_fields", "dynamic_map_signed", "read_bnb_fields", "to_bnb_state"]
+__all__ = [
+    "QUANT_STATE_SUFFIX",
+    "check_bnb_scales",
+    "check_nf4_fields",
+    "dynamic_map_signed",
+    "read_bnb_fields",
+    "to_bnb_state",
+]

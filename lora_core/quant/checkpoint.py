@@ -24,9 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_core.atomic import atomic_write
+from lora_core.quant.bnb import QUANT_STATE_SUFFIX
 from lora_core.quant.nf4 import NF4Tensor
-
-QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
