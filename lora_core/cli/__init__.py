@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser(
         "bench",
-        help="run a GPU benchmark: kernels (default), layer or e2e; `bench SUITE --help` for its options",
+        help="run a benchmark: kernels (default), layer, e2e (GPU) or static (what the kernels compile to, "
+        "no GPU); `bench SUITE --help` for its options",
         add_help=False,
     )
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
