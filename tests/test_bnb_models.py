@@ -114,11 +114,48 @@ def test_model_equals_peft_plus_bitsandbytes(tiny_llama_dir: Path) -> None:
                 path = name.removeprefix("base_model.model.").replace(".default", "")
                 ours.get_parameter(path).copy_(p)
     ids = torch.randint(0, 64, (2, 12))
+    # bitsandbytes in train mode (dropout is 0 here): in eval mode under no_grad, on CPUs with AVX-512 BF16,
+    # its Linear4bit repacks the weight for a bf16-absmax CPU kernel that rounds the base to ~1e-3
+    # (see the next test); in train mode it dequantizes its NF4 bytes exactly, as PEFT training does.
+    theirs.train()
     with torch.no_grad():
         want = theirs(ids).logits
         got = ours(ids).logits
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_bitsandbytes_repacked_for_its_cpu_kernel_is_adopted_as_bitsandbytes_saves_it() -> None:
+    """bitsandbytes' CPU fast path (AVX-512 BF16 machines, eval, no grad) rewrites a Linear4bit's bytes in
+    place: nibbles permuted, absmax in bf16, double quantization undone. Adopting those bytes as NF4 would be
+    silently wrong, so they are first restored as bitsandbytes' own state_dict restores them. The repacking
+    is forced here with bitsandbytes' own converter, so the test runs the same on every CPU."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    def repacked_twin() -> tuple[nn.Module, torch.Tensor]:
+        torch.manual_seed(5)
+        dense = nn.Linear(128, 64, bias=False)
+        layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4")
+        layer = layer.to("cpu")  # quantizes, with double quantization (bitsandbytes' default)
+        original = decode_bnb_fields(layer.weight.data, layer.weight.quant_state)
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+            layer.weight.data, layer.weight.quant_state
+        )
+        return layer, original
+
+    layer, original = repacked_twin()
+    assert layer.weight.quant_state.packing_format_for_cpu and layer.weight.shape == (64, 64)
+    model = nn.Sequential(layer)
+    lc.apply_lora(model, lc.LoraConfig(r=4, target_modules=["0"], quantize="nf4"))
+    adopted = lc.dequantize_nf4(model[0].base.q, torch.float32)
+
+    twin, _ = repacked_twin()
+    saved = twin.state_dict()  # bitsandbytes restores its own layout to save
+    want = decode_bnb_fields(saved["weight"], twin.weight.quant_state)
+    assert torch.equal(adopted, want)
+    # The same nibbles as before the repacking; only the absmax went through bf16 (relative error < 2^-8).
+    torch.testing.assert_close(adopted, original, rtol=2**-8, atol=0)
 
 
 def test_quantize_none_adopts_targets_and_leaves_the_rest_to_bitsandbytes(tiny_llama_dir: Path) -> None:

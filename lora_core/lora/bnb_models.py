@@ -8,6 +8,13 @@ double quantization the nested absmax / code / offset). That is lora_core's NF4 
 nothing is dequantized, requantized or copied. It reads the quant state through bitsandbytes' own
 serialization (``quant_state.as_dict(packed=True)``: the keys its ``state_dict`` writes) and the checks of
 `NF4Tensor.from_bnb_state`.
+
+One exception to "the very same storage": on CPUs with AVX-512 BF16, bitsandbytes' first eval-mode,
+no-grad forward of a ``Linear4bit`` rewrites its weight in place into a CPU-only layout (nibbles permuted in
+blocks of 32 rows, absmax cast to bf16 and transposed, double quantization undone; ``quant_state.
+packing_format_for_cpu``). Reading those bytes as NF4 would give wrong weights without any error, so
+`read_linear4bit` first asks bitsandbytes to undo it, exactly as bitsandbytes' own ``state_dict`` does
+before it writes the layer: the bytes adopted are the bytes bitsandbytes would save.
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ def read_linear4bit(module: nn.Module) -> NF4Tensor:
             f"bitsandbytes {type(module).__name__} with quant_type={state.quant_type!r}: only 'nf4' can "
             "be adopted (load the model with BitsAndBytesConfig(bnb_4bit_quant_type='nf4'))"
         )
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # what its state_dict does
+
+        module.weight.data, state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        module.weight.quant_state = state
     tensors = {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}
     tensors["weight"] = module.weight.data.as_subclass(Tensor)  # (ceil(n/2), 1) packed codes
     return NF4Tensor.from_bnb_state(tensors, "weight")
