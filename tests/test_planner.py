@@ -302,6 +302,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(args: list[str], message: str, cap
     assert message in err, err
 
 
+def test_help_lists_plan_and_its_flags(capsys) -> None:
+    from lora_core.cli import main
+
+    for argv, words in (
+        (["--help"], ["plan"]),
+        (["plan", "--help"], ["--gpu-gb", "--fsdp", "--cpu-offload"]),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and all(w in out for w in words), argv
+
+
 # ------------------------------------------------------------------------------------------- the docs
 
 
