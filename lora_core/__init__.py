@@ -47,6 +47,7 @@ from lora_core.training.config import TrainConfig
 from lora_core.training.data import PackedDataset, load_dataset
 from lora_core.training.loop import TrainingDiverged, TrainResult, evaluate, train
 from lora_core.training.losses import causal_lm_hidden_and_head, causal_lm_loss, chunked_causal_lm_loss
+from lora_core.training.planner import MemoryPlan, ModelShape, plan_memory
 
 __all__: list[str] = [
     "__version__",
@@ -106,4 +107,8 @@ __all__: list[str] = [
     "causal_lm_hidden_and_head",
     "causal_lm_loss",
     "chunked_causal_lm_loss",
+    # will it fit? per-GPU memory from the model's shapes (issue 19)
+    "MemoryPlan",
+    "ModelShape",
+    "plan_memory",
 ]

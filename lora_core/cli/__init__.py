@@ -1,4 +1,5 @@
-"""The ``lora-core`` command line: ``finetune``, ``generate``, ``merge``, ``export``, ``quantize``, ``bench``.
+"""The ``lora-core`` command line: ``finetune``, ``generate``, ``merge``, ``export``, ``quantize``, ``bench``,
+``plan``.
 
 This module holds the parser, the error handling and the small commands; ``finetune`` (the main job: QLoRA
 on SmolLM2-135M-Instruct with Shakespeare when given no arguments) lives in ``lora_core.cli.finetune``,
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--block-size", type=int, default=64)
     qz.add_argument("--no-double-quant", action="store_true", help="keep float32 block scales")
 
+    from lora_core.cli.plan import add_parser as add_plan_parser  # `plan`: will it fit?
+
+    add_plan_parser(sub)
+
     bn = sub.add_parser(
         "bench",
         help="run a benchmark: kernels (default), layer, e2e (GPU) or static (what the kernels compile to, "
@@ -149,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         from lora_core.cli import use as cli_use
 
         return _run(getattr(cli_use, f"{args.command}_command"), args)
+    if args.command == "plan":
+        from lora_core.cli.plan import plan_command
+
+        return _run(plan_command, args)
     return _run({"merge": merge, "quantize": quantize}[args.command], args)
 
 
