@@ -174,7 +174,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             raise TypeError(
                 f"target module {path!r} is a {type(modules[path]).__name__}; LoRA supports {TARGET_TYPES}"
             )
-        reason = cls.unsupported(modules[path])
+        reason = None if isinstance(modules[path], LoRALinear) else cls.unsupported(modules[path])
         if reason is not None:
             raise ValueError(f"target module {path!r} cannot be adapted: {reason}")
         chosen.append(path)
