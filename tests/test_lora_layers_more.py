@@ -339,6 +339,8 @@ def test_second_adapter_merge_and_files(tmp_path):
     lc.merge_lora(model)
     assert_close(model(IDS).detach(), both)
     lc.unmerge_lora(model)
+    with pytest.raises(ValueError, match="linear layers only"):
+        lc.add_weighted_adapter(model, ["default"], [1.0], "both")
     lc.save_adapter(model, tmp_path)
     again = lc.load_adapter(_net(), tmp_path)
     lc.load_adapter(again, tmp_path / "fr", adapter_name="fr")
@@ -445,3 +447,26 @@ def test_bad_direct_construction():
     layer = LoRAConv.from_module(nn.Conv2d(2, 3, 2), r=1, alpha=1.0)
     with pytest.raises(ValueError, match="shape"):
         layer.base.set_dense_weight(torch.zeros(3, 2))
+
+
+def test_peft_embed_tokens_adapter_with_its_saved_embedding_loads(tmp_path):
+    """PEFT saves a targeted ``embed_tokens``' own weight too (``save_embedding_layers``): it is loaded."""
+    peft = pytest.importorskip("peft")
+    from tiny_llama import tiny_llama_model
+
+    theirs = peft.get_peft_model(
+        tiny_llama_model(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"])
+    )
+    _perturb(theirs, 5)
+    with torch.no_grad():  # as after resizing / training the embedding: the saved base weight differs
+        theirs.base_model.model.model.embed_tokens.base_layer.weight.mul_(1.5)
+    theirs.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(
+        tmp_path / "adapter_model.safetensors"
+    )
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    ours = lc.load_adapter(tiny_llama_model(), tmp_path)
+    assert isinstance(ours.model.embed_tokens, LoRAEmbedding)
+    assert_close(ours(ids).logits.detach(), theirs(ids).logits.detach())
