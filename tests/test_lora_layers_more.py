@@ -348,6 +348,25 @@ def test_second_adapter_merge_and_files(tmp_path):
     assert_close(again(IDS).detach(), both)
 
 
+def test_mixed_batches_and_loraplus_groups():
+    model = lc.apply_lora(_net(), lc.LoraConfig(r=2, alpha=4.0, target_modules=TARGETS, use_dora=True))
+    _perturb(model, 6)
+    adapted = model(IDS).detach()
+    with lc.disable_adapter(model):
+        plain = model(IDS).detach()
+    with lc.mixed_adapters(model, ["default", "__base__"]):  # row 0 adapted, row 1 the base alone
+        mixed = model(IDS).detach()
+    assert_close(mixed[0], adapted[0])
+    assert_close(mixed[1], plain[1])
+    groups = lc.loraplus_param_groups(model, lr=1e-3, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert by_name["emb.lora_embedding_B.default"][0] == pytest.approx(16e-3)  # LoRA+: B's lr × 16
+    assert by_name["c2.lora_B.weight"][0] == pytest.approx(16e-3)
+    assert by_name["c2.lora_magnitude_vector"] == (pytest.approx(1e-3), 0.0)  # (1, out, 1, 1): no decay
+    assert by_name["c2.lora_A.weight"] == (pytest.approx(1e-3), 0.1)
+
+
 # ---- the real peft, both ways ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dora", [False, True])
 def test_peft_adapter_loads_in_lora_core(dora, tmp_path):
@@ -470,3 +489,16 @@ def test_peft_embed_tokens_adapter_with_its_saved_embedding_loads(tmp_path):
     ours = lc.load_adapter(tiny_llama_model(), tmp_path)
     assert isinstance(ours.model.embed_tokens, LoRAEmbedding)
     assert_close(ours(ids).logits.detach(), theirs(ids).logits.detach())
+
+
+def test_adapter_for_another_kernel_or_vocabulary_is_refused(tmp_path):
+    lc.save_adapter(lc.apply_lora(_net(), lc.LoraConfig(r=2, alpha=2.0, target_modules=TARGETS)), tmp_path)
+    other = _net()
+    other.c2 = nn.Conv2d(5, 4, (3, 3), stride=(2, 1))  # another kernel size
+    with pytest.raises(ValueError, match=r"c2\.lora_A\.weight' has shape \(2, 5, 3, 2\).*\(2, 5, 3, 3\)"):
+        lc.load_adapter(other, tmp_path)
+    assert type(other.emb) is nn.Embedding  # unchanged
+    other = _net()
+    other.emb = nn.Embedding(12, 6)  # another vocabulary size
+    with pytest.raises(ValueError, match=r"emb\.lora_embedding_A' has shape \(2, 11\)"):
+        lc.load_adapter(other, tmp_path)

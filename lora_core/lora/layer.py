@@ -55,7 +55,8 @@ def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
 class LoRALinear(HoldsAdapters):
     """A frozen linear map with trainable low-rank updates: ``x ↦ x W₀ᵀ + b + Σ_active s·(drop(x) Aᵀ) Bᵀ``.
 
-    Build it with :meth:`from_linear`; ``add_adapter`` adds more named adapters. ``merge()`` folds the active
+    Build it with :meth:`from_linear` (alias ``from_module``, the name every LoRA layer class shares:
+    ``LoRAEmbedding`` and ``LoRAConv`` are this layer in another frame); ``add_adapter`` adds more named adapters. ``merge()`` folds the active
     adapters' ``s·BA`` (or DoRA's rescaled weight) into the base weight; ``unmerge()`` takes them out
     again; ``unload()`` returns the plain module. ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` and
     ``use_dora`` describe the adapter called ``"default"`` (or, without one, the first adapter).
