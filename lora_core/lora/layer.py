@@ -56,10 +56,11 @@ class LoRALinear(HoldsAdapters):
     """A frozen linear map with trainable low-rank updates: ``x ↦ x W₀ᵀ + b + Σ_active s·(drop(x) Aᵀ) Bᵀ``.
 
     Build it with :meth:`from_linear` (alias ``from_module``, the name every LoRA layer class shares:
-    ``LoRAEmbedding`` and ``LoRAConv`` are this layer in another frame); ``add_adapter`` adds more named adapters. ``merge()`` folds the active
-    adapters' ``s·BA`` (or DoRA's rescaled weight) into the base weight; ``unmerge()`` takes them out
-    again; ``unload()`` returns the plain module. ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` and
-    ``use_dora`` describe the adapter called ``"default"`` (or, without one, the first adapter).
+    ``LoRAEmbedding`` and ``LoRAConv`` are this layer in another frame); ``add_adapter`` adds more named
+    adapters. ``merge()`` folds the active adapters' ``s·BA`` (or DoRA's rescaled weight) into the base
+    weight; ``unmerge()`` takes them out again; ``unload()`` returns the plain module. ``r``,
+    ``lora_alpha``, ``scaling``, ``use_rslora`` and ``use_dora`` describe the adapter called ``"default"``
+    (or, without one, the first adapter).
 
     Args:
         base: the ``nn.Linear`` or GPT-2 ``Conv1D`` to adapt; its weight and bias Parameters are adopted
