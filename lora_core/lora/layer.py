@@ -32,7 +32,7 @@ adapter ``"default"`` adds ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r)
 from __future__ import annotations
 
 import warnings
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,13 +124,6 @@ class LoRALinear(HoldsAdapters):
     # ---- what this class adapts (LoRAEmbedding and LoRAConv override these) ----------------------------
     ADAPTS = "nn.Linear or GPT-2 Conv1D"
     fusable = True  # one active adapter may take the fused CUDA Functions (a linear map)
-    # PEFT's file key of each factor (A, B, DoRA's magnitude) -> this layer's own key for adapter "default"
-    # and for any other adapter "{}" (relative to the layer); lora_core.lora.adapters reads/writes with it.
-    ADAPTER_KEYS: ClassVar[dict[str, tuple[str, str]]] = {
-        "lora_A.weight": ("lora_A.weight", "lora_A.{}.weight"),
-        "lora_B.weight": ("lora_B.weight", "lora_B.{}.weight"),
-        "lora_magnitude_vector": ("lora_magnitude_vector", "lora_magnitude.{}.weight"),
-    }
 
     @classmethod
     def features(cls, module: nn.Module) -> tuple[int, int] | None:
@@ -153,18 +146,6 @@ class LoRALinear(HoldsAdapters):
 
     def _frozen_base(self, base: nn.Module, fan_in_fan_out: bool) -> FrozenBase:
         return frozen_base_of(base, fan_in_fan_out)
-
-    def adapter_tensors(self, name: str) -> dict[str, Tensor]:
-        """Adapter ``name``'s tensors by PEFT's file key (relative to the layer): A, B, DoRA's magnitude."""
-        key_a, key_b, key_m = self.ADAPTER_KEYS
-        out = {key_a: self.lora_A[name], key_b: self.lora_B[name]}
-        return {**out, key_m: self.magnitude(name)} if self.lora_specs[name].use_dora else out
-
-    @classmethod
-    def adapter_shapes(cls, module: nn.Module, r: int, use_dora: bool) -> dict[str, tuple[int, ...]]:
-        """The shapes `adapter_tensors` has for a rank-``r`` adapter on ``module``, by the same keys."""
-        keys, shapes = list(cls.ADAPTER_KEYS), cls.factor_shapes(module, r)
-        return dict(zip(keys, shapes if use_dora else shapes[:2]))
 
     @classmethod
     def from_linear(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -152,6 +152,14 @@ class HoldsAdapters(HoldsFrozenBase):
     out_features: int
     base: Any
 
+    # PEFT's file key of each factor (A, B, DoRA's magnitude) -> this layer's own key for adapter "default"
+    # and for any other adapter "{}" (relative to the layer); lora_core.lora.adapters reads/writes with it.
+    ADAPTER_KEYS: ClassVar[dict[str, tuple[str, str]]] = {
+        "lora_A.weight": ("lora_A.weight", "lora_A.{}.weight"),
+        "lora_B.weight": ("lora_B.weight", "lora_B.{}.weight"),
+        "lora_magnitude_vector": ("lora_magnitude_vector", "lora_magnitude.{}.weight"),
+    }
+
     def _init_adapters(self, adapter_dtype: torch.dtype) -> None:
         self._adapter_dtype = adapter_dtype
         self.lora_dropout: nn.Module = nn.Identity()  # the default adapter's (kept for PEFT-like access)
@@ -186,6 +194,18 @@ class HoldsAdapters(HoldsFrozenBase):
     def matrices(self, name: str) -> tuple[Tensor, Tensor]:
         """Adapter ``name``'s A (r, in) and B (out, r) as matrices (a conv layer's: views of its kernels)."""
         return self.lora_A[name], self.lora_B[name]
+
+    def adapter_tensors(self, name: str) -> dict[str, Tensor]:
+        """Adapter ``name``'s tensors by PEFT's file key (relative to the layer): A, B, DoRA's magnitude."""
+        key_a, key_b, key_m = self.ADAPTER_KEYS
+        out = {key_a: self.lora_A[name], key_b: self.lora_B[name]}
+        return {**out, key_m: self.magnitude(name)} if self.lora_specs[name].use_dora else out
+
+    @classmethod
+    def adapter_shapes(cls, module: nn.Module, r: int, use_dora: bool) -> dict[str, tuple[int, ...]]:
+        """The shapes `adapter_tensors` has for a rank-``r`` adapter on ``module``, by the same keys."""
+        keys, shapes = list(cls.ADAPTER_KEYS), cls.factor_shapes(module, r)
+        return dict(zip(keys, shapes if use_dora else shapes[:2]))
 
     # ---- the adapters --------------------------------------------------------------------------------------
     def add_adapter(
