@@ -432,6 +432,7 @@ class _Scaled(nn.Embedding):
         (nn.Conv1d(2, 3, 3, dilation=2), {}, ValueError, "dilation"),
         (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), {}, ValueError, "padding_mode"),
         (_Scaled(5, 3), {}, ValueError, "own forward"),
+        (nn.Embedding(5, 3, sparse=True), {}, ValueError, "sparse=True"),
         (nn.Embedding(5, 3), {"quantize": "nf4"}, ValueError, "nf4.*'layer'.*Embedding"),
         (nn.Conv1d(2, 3, 3), {"quantize": "nf4"}, ValueError, "nf4.*'layer'.*Conv1d"),
         (nn.Embedding(5, 3), {"init": "pissa"}, ValueError, "init='pissa'.*'layer'"),

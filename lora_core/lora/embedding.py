@@ -73,7 +73,8 @@ class LoRAEmbedding(LoRALinear):
 
     Args:
         base: the ``nn.Embedding`` (a subclass with its own ``forward``, e.g. a scaled embedding, is refused:
-            its output is not the lookup this layer adds to); its weight is adopted and frozen.
+            its output is not the lookup this layer adds to; so is ``sparse=True``); its weight is adopted
+            and frozen.
         r: rank, 1 ≤ r ≤ min(num_embeddings, embedding_dim).
         alpha, use_rslora, use_dora, adapter_name: as in `LoRALinear`.
         dropout: accepted and not applied (as PEFT).
@@ -101,6 +102,8 @@ class LoRAEmbedding(LoRALinear):
     def unsupported(cls, module: nn.Module) -> str | None:
         if type(module).forward is not nn.Embedding.forward:
             return f"{type(module).__name__} has its own forward; only nn.Embedding's lookup can be adapted"
+        if module.sparse:  # PEFT passes it on too, and backward then fails inside torch
+            return "sparse=True: the update's gradient flows through Aᵀ, which cannot take a sparse gradient"
         return None
 
     def _fan_in_fan_out(self, base: nn.Module, fan_in_fan_out: bool) -> bool:
