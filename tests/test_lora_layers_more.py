@@ -419,6 +419,20 @@ def test_peft_second_adapter_keys_equal_ours():
     assert {"emb.lora_embedding_A.default", "emb.lora_embedding_B.default"} <= emb_default
 
 
+def test_a_second_adapter_file_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    ours = lc.apply_lora(_net(), lc.LoraConfig(r=2, alpha=2.0, target_modules=TARGETS))
+    lc.apply_lora(ours, lc.LoraConfig(r=3, alpha=6.0, target_modules=["emb", "c1"]), adapter_name="fr")
+    _perturb(ours, 7)
+    lc.set_adapter(ours, "fr")
+    want = ours(IDS).detach()
+    lc.save_adapter(ours, tmp_path)  # "fr" in tmp_path / "fr", PEFT's layout
+    theirs = peft.PeftModel.from_pretrained(_net(), str(tmp_path))
+    theirs.load_adapter(str(tmp_path / "fr"), adapter_name="fr")
+    theirs.set_adapter("fr")
+    assert_close(theirs.eval()(IDS).detach(), want)
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 class _Scaled(nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
