@@ -13,6 +13,8 @@ from lora_core.inference.sampling import SamplingConfig, generate
 from lora_core.lora.adapters import load_adapter, save_adapter
 from lora_core.lora.combine import add_weighted_adapter
 from lora_core.lora.config import LoraConfig
+from lora_core.lora.conv import LoRAConv
+from lora_core.lora.embedding import LoRAEmbedding
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
 from lora_core.lora.layer import LoRALinear
 from lora_core.lora.multi import (
@@ -52,6 +54,8 @@ from lora_core.training.planner import MemoryPlan, ModelShape, plan_memory
 __all__: list[str] = [
     "__version__",
     # LoRA layers and model surgery
+    "LoRAConv",
+    "LoRAEmbedding",
     "LoRALinear",
     "LoraConfig",
     "TrainableReport",

@@ -7,6 +7,9 @@ A saved adapter is a directory::
     └── adapter_model.safetensors    base_model.model.<path>.lora_A.weight          (r, in)
                                      base_model.model.<path>.lora_B.weight          (out, r)
                                      base_model.model.<path>.lora_magnitude_vector  (out,)  DoRA only
+                                     (an embedding: <path>.lora_embedding_A (r, num), .lora_embedding_B
+                                     (dim, r); a conv: lora_A (r, in, *k), lora_B (out, r, *1), DoRA's
+                                     magnitude (1, out, *1): each layer class's ADAPTER_KEYS)
                                      base_model.model.<path>.base_layer.bias        (out,)  an adapted
                                                                                     layer's trained bias
                                      base_model.model.<path>.<param>    modules_to_save, other biases
@@ -37,7 +40,9 @@ from torch import nn
 
 from lora_core.atomic import atomic_write_dir
 from lora_core.lora.config import LoraConfig
-from lora_core.lora.registry import adapter_configs, check_new_adapter_name, features_of, lora_layers
+from lora_core.lora.embedding import LoRAEmbedding
+from lora_core.lora.layer import LoRALinear
+from lora_core.lora.registry import adapter_configs, check_new_adapter_name, lora_layers, plan_layers
 from lora_core.lora.slots import DEFAULT, check_adapter_name
 from lora_core.lora.surgery import apply_lora, find_modules_to_save, find_targets, get_lora_config
 
@@ -66,10 +71,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
         if name not in layer.lora_specs:
             continue
         pre = f"{path}." if path else ""
-        out[f"{pre}lora_A.weight"] = layer.lora_A[name]
-        out[f"{pre}lora_B.weight"] = layer.lora_B[name]
-        if layer.lora_specs[name].use_dora:
-            out[f"{pre}lora_magnitude_vector"] = layer.magnitude(name)
+        out.update({pre + key: tensor for key, tensor in layer.adapter_tensors(name).items()})
         if cfg.bias != "none" and layer.bias is not None:
             out[f"{pre}base_layer.bias"] = layer.bias
         adapted.add(f"{pre}bias")
@@ -146,7 +148,9 @@ def save_adapter(
 
 
 def _prepare(
-    model: nn.Module, adapter_name: str, cfg: LoraConfig,
+    model: nn.Module,
+    adapter_name: str,
+    cfg: LoraConfig,
     base_model_name_or_path: str | os.PathLike[str] | None,
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """``adapter_config.json``'s text and the tensors to write for one adapter (everything checked)."""
@@ -206,16 +210,10 @@ def _expected_tensors(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int,
     """Every key an adapter for ``cfg`` must hold for ``model``, with its shape (raises like apply_lora)."""
     modules = dict(model.named_modules())
     expected: dict[str, tuple[int, ...]] = {}
-    for path in find_targets(model, cfg):
-        n_in, n_out = features_of(modules[path])  # type: ignore[misc]
-        r, _ = cfg.rank_and_alpha(path)
-        if r > min(n_in, n_out):
-            raise ValueError(f"r={r} is larger than min(in, out)={min(n_in, n_out)} of module {path!r}")
+    for path, r, _, cls, _ in plan_layers(model, cfg, find_targets(model, cfg)):
         pre = f"{path}." if path else ""
-        expected[f"{pre}lora_A.weight"] = (r, n_in)
-        expected[f"{pre}lora_B.weight"] = (n_out, r)
-        if cfg.use_dora:
-            expected[f"{pre}lora_magnitude_vector"] = (n_out,)
+        shapes = cls.adapter_shapes(modules[path], r, cfg.use_dora)
+        expected.update({pre + key: shape for key, shape in shapes.items()})
     for path in find_modules_to_save(model, cfg):
         for n, p in model.get_submodule(path).named_parameters():
             expected[f"{path}.{n}"] = tuple(p.shape)
@@ -235,6 +233,10 @@ def _optional_tensors(
     """
     params = dict(model.named_parameters())
     optional: dict[str, str] = {}
+    for path in find_targets(model, cfg):  # PEFT's save_embedding_layers: a targeted embedding's own weight
+        pre = f"{path}." if path else ""
+        if isinstance(model.get_submodule(path), (nn.Embedding, LoRAEmbedding)):
+            optional[f"{pre}base_layer.weight"] = f"{pre}weight"
     if cfg.bias != "none":
         for path in find_targets(model, cfg):
             pre = f"{path}." if path else ""
@@ -345,12 +347,12 @@ def load_adapter(
 
 
 def _param_name(key: str, adapter_name: str) -> str:
-    """The model's parameter for a saved key: ``<path>.lora_A.weight`` is ``<path>.lora_A.<name>.weight``
-    for an adapter other than ``"default"`` (DoRA: ``<path>.lora_magnitude.<name>.weight``)."""
-    if adapter_name == DEFAULT:
-        return key
-    for leaf, slot in (("lora_A.weight", "lora_A"), ("lora_B.weight", "lora_B"),
-                       ("lora_magnitude_vector", "lora_magnitude")):  # fmt: skip
+    """The model's parameter for a saved key (the layer classes' ``ADAPTER_KEYS``): ``<path>.lora_A.weight``
+    is itself for ``"default"`` and ``<path>.lora_A.<name>.weight`` for another adapter (DoRA:
+    ``<path>.lora_magnitude.<name>.weight``); ``<path>.lora_embedding_A`` is
+    ``<path>.lora_embedding_A.<name>`` (PEFT's ParameterDict key), ``"default"`` included."""
+    for leaf, (own, other) in {**LoRALinear.ADAPTER_KEYS, **LoRAEmbedding.ADAPTER_KEYS}.items():
         if key == leaf or key.endswith("." + leaf):
-            return f"{key[: len(key) - len(leaf)]}{slot}.{adapter_name}.weight"
+            stem = key[: len(key) - len(leaf)]
+            return stem + (own if adapter_name == DEFAULT else other.format(adapter_name))
     return key

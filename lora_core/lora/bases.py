@@ -91,6 +91,7 @@ class _PlainTemplate:
 
     def __init__(self, module: nn.Module | None) -> None:
         self.cls = type(module) if module is not None else nn.Linear
+        self.has_bias = module is None or hasattr(module, "bias")  # nn.Embedding has none
         skip = ("training",)
         self.attrs = {} if module is None else {
             k: v for k, v in vars(module).items() if not k.startswith("_") and k not in skip
@@ -101,7 +102,8 @@ class _PlainTemplate:
         nn.Module.__init__(plain)
         plain.__dict__.update(self.attrs)
         plain.weight = weight
-        plain.bias = bias
+        if self.has_bias:
+            plain.bias = bias
         plain.train(training)  # nn.Module.__init__ left it in training mode
         return plain
 

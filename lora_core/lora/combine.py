@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_core.lora.config import LoraConfig
-from lora_core.lora.registry import CONFIGS_ATTR, adapter_configs, lora_layers
+from lora_core.lora.registry import CONFIGS_ATTR, OTHER_LAYERS, adapter_configs, lora_layers
 from lora_core.lora.slots import check_adapter_name
 
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -146,7 +146,8 @@ def add_weighted_adapter(
 
     Raises:
         ValueError: an unknown adapter or combination type; ``adapter_name`` exists; weights and adapters
-            differ in length; a DoRA adapter; factor-wise types over adapters of different ranks or
+            differ in length; a DoRA adapter; an adapter on an embedding or conv layer; factor-wise types
+            over adapters of different ranks or
             different target layers; a missing or out-of-range density. The model is unchanged.
     """
     configs = adapter_configs(model)
@@ -176,6 +177,11 @@ def add_weighted_adapter(
         raise ValueError(f"combination_type {kind!r} needs a density in (0, 1], got {density!r}")
     ranks = [max([configs[n].r, *configs[n].rank_pattern.values()]) for n in names]
     layers = list(lora_layers(model))
+    other = [
+        p for p, layer in layers if isinstance(layer, OTHER_LAYERS) and set(names) & set(layer.lora_specs)
+    ]
+    if other:  # their factors are kernels / PEFT's embedding tables: not combined (yet)
+        raise ValueError(f"add_weighted_adapter combines adapters of linear layers only; {other} are not")
     if kind in FACTOR_WISE:
         if len(set(ranks)) != 1:
             raise ValueError(

@@ -28,6 +28,8 @@ that merge and unload both use; `unmerged_weight` inverts it (DoRA needs the nor
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -178,3 +180,101 @@ def unmerged_weight_sum(
         w = w - g[:, None] * lora_delta_weight_ref(a, b, s).to(merged.dtype)
         scale = scale + (g - 1)
     return w / scale[:, None]
+
+
+# ---- embedding and convolution layers (PEFT's formulas) ----------------------------------------------------
+# Both are the linear formulas above in another frame, so merging reuses `merged_weight` unchanged:
+# - nn.Embedding(num, dim) is the linear map one_hot(ids) ↦ one_hot Wᵀ with W₀ᵀ (dim, num) as its (out, in)
+#   weight; A (r, num), B (dim, r) (PEFT's ``lora_embedding_A/B``) give ΔW = (s·BA)ᵀ (num, dim).
+# - a convolution is a linear map on unfolded patches: with W₀ (out, in, *k) flattened to (out, in·∏k), A is
+#   a conv in → r with the base's kernel, stride and padding, B a 1×1 conv r → out, and
+#   ΔW = s · (B₍out×r₎ A₍r×in·∏k₎) reshaped to W₀'s shape. DoRA's row norm is the norm over (in, *k).
+
+
+def embedding_kwargs(module: object) -> dict[str, object]:
+    """``F.embedding``'s options of an ``nn.Embedding`` (the LoRA lookup uses the base's, as PEFT does)."""
+    names = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    return {n: getattr(module, n) for n in names}
+
+
+def lora_embedding_update(
+    ids: Tensor,  # (...,) integer ids
+    lora_A: Tensor,  # (r, num)
+    lora_B: Tensor,  # (dim, r)
+    scaling: float,
+    **kwargs: object,  # padding_idx, max_norm, ...: the base's (`embedding_kwargs`)
+) -> Tensor:  # (..., dim)
+    """``s · Aᵀ[ids] Bᵀ``: row ``ids`` of Aᵀ (num, r) looked up as the base looks up W₀, then through B."""
+    return (F.embedding(ids, lora_A.T, **kwargs) @ lora_B.T) * scaling  # type: ignore[arg-type]
+
+
+def lora_embedding_ref(
+    ids: Tensor,  # (...,)
+    weight: Tensor,  # (num, dim)
+    lora_A: Tensor,  # (r, num)
+    lora_B: Tensor,  # (dim, r)
+    scaling: float,
+    magnitude: Tensor | None = None,  # (dim,): DoRA
+    **kwargs: object,
+) -> Tensor:  # (..., dim)
+    """A LoRA embedding: ``W₀[ids] + s·Aᵀ[ids] Bᵀ``; DoRA: ``g ⊙ (W₀[ids] + s·Aᵀ[ids] Bᵀ)`` with
+    ``g = m / ‖W₀ᵀ + s·BA‖_row`` (one per embedding dimension, detached), which is ``W'ᵀ[ids]``. No
+    dropout: PEFT applies none to embeddings."""
+    base = F.embedding(ids, weight, **kwargs)  # type: ignore[arg-type]
+    update = lora_embedding_update(ids, lora_A, lora_B, scaling, **kwargs)
+    if magnitude is None:
+        return base + update
+    g = magnitude / dora_weight_norm_ref(weight.T, lora_A, lora_B, scaling).detach()  # (dim,)
+    return g * (base + update)
+
+
+def conv_fn(weight: Tensor) -> Any:
+    """``F.conv1d`` / ``F.conv2d`` for a 3-D / 4-D kernel."""
+    return {3: F.conv1d, 4: F.conv2d}[weight.dim()]
+
+
+def lora_conv_update(
+    xd: Tensor,  # (N, in, *spatial), dropped out
+    lora_A: Tensor,  # (r, in, *k)
+    lora_B: Tensor,  # (out, r, *1)
+    scaling: float,
+    stride: Any,
+    padding: Any,
+) -> Tensor:  # (N, out, *spatial')
+    """``s · B ⋆ (A ⋆ drop(x))``: A with the base's kernel, stride and padding, then the 1×1 conv B."""
+    conv = conv_fn(lora_A)
+    return conv(conv(xd, lora_A, None, stride, padding), lora_B) * scaling
+
+
+def lora_conv_delta_weight_ref(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:  # (out, in, *k)
+    """``s · B A`` in the kernel's shape: what merging adds to a conv weight."""
+    r = lora_A.shape[0]
+    delta = lora_delta_weight_ref(lora_A.reshape(r, -1), lora_B.reshape(-1, r), scaling)  # (out, in·∏k)
+    return delta.reshape(lora_B.shape[0], *lora_A.shape[1:])
+
+
+def lora_conv_ref(
+    x: Tensor,  # (N, in, *spatial)
+    weight: Tensor,  # (out, in, *k)
+    bias: Tensor | None,  # (out,)
+    lora_A: Tensor,  # (r, in, *k)
+    lora_B: Tensor,  # (out, r, *1)
+    scaling: float,
+    stride: Any = 1,
+    padding: Any = 0,
+    magnitude: Tensor | None = None,  # DoRA: (1, out, *1), PEFT's shape
+    dropout_mask: Tensor | None = None,  # like x
+) -> Tensor:  # (N, out, *spatial')
+    """A LoRA convolution, the direct formula: ``W₀ ⋆ x + b + s·B ⋆ (A ⋆ drop(x))``. DoRA, as PEFT: with
+    ``g = m / ‖W₀ + s·BA‖`` per output channel (norm over (in, *k), detached), the base output plus
+    ``(g − 1) ⊙ (W₀ ⋆ drop(x)) + g ⊙ s·B ⋆ (A ⋆ drop(x))``."""
+    conv = conv_fn(weight)
+    xd = x if dropout_mask is None else x * dropout_mask
+    update = lora_conv_update(xd, lora_A, lora_B, scaling, stride, padding)
+    out = conv(x, weight, bias, stride, padding)
+    if magnitude is None:
+        return out + update
+    v = weight + lora_conv_delta_weight_ref(lora_A, lora_B, scaling)  # (out, in, *k)
+    norm = torch.linalg.vector_norm(v.flatten(1), dim=1).detach()  # (out,)
+    g = magnitude / norm.view(magnitude.shape)  # (1, out, *1)
+    return out + (g - 1) * conv(xd, weight, None, stride, padding) + g * update

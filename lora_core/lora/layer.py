@@ -55,10 +55,12 @@ def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
 class LoRALinear(HoldsAdapters):
     """A frozen linear map with trainable low-rank updates: ``x ↦ x W₀ᵀ + b + Σ_active s·(drop(x) Aᵀ) Bᵀ``.
 
-    Build it with :meth:`from_linear`; ``add_adapter`` adds more named adapters. ``merge()`` folds the active
-    adapters' ``s·BA`` (or DoRA's rescaled weight) into the base weight; ``unmerge()`` takes them out
-    again; ``unload()`` returns the plain module. ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` and
-    ``use_dora`` describe the adapter called ``"default"`` (or, without one, the first adapter).
+    Build it with :meth:`from_linear` (alias ``from_module``, the name every LoRA layer class shares:
+    ``LoRAEmbedding`` and ``LoRAConv`` are this layer in another frame); ``add_adapter`` adds more named
+    adapters. ``merge()`` folds the active adapters' ``s·BA`` (or DoRA's rescaled weight) into the base
+    weight; ``unmerge()`` takes them out again; ``unload()`` returns the plain module. ``r``,
+    ``lora_alpha``, ``scaling``, ``use_rslora`` and ``use_dora`` describe the adapter called ``"default"``
+    (or, without one, the first adapter).
 
     Args:
         base: the ``nn.Linear`` or GPT-2 ``Conv1D`` to adapt; its weight and bias Parameters are adopted
@@ -89,28 +91,24 @@ class LoRALinear(HoldsAdapters):
         adapter_name: str = DEFAULT,
     ) -> None:
         super().__init__()
-        features = linear_features(base)
+        features = self.features(base)
         if features is None:
-            raise TypeError(f"LoRALinear adapts nn.Linear or GPT-2 Conv1D modules, got {type(base).__name__}")
+            raise TypeError(f"{type(self).__name__} adapts {self.ADAPTS} modules, got {type(base).__name__}")
+        reason = self.unsupported(base)
+        if reason is not None:
+            raise ValueError(f"{type(self).__name__} cannot adapt this {type(base).__name__}: {reason}")
         self.in_features, self.out_features = features
         check_bool("fan_in_fan_out", fan_in_fan_out)
         check_adapter_name(adapter_name)  # every argument is checked before the base is adopted
         AdapterSpec.checked(r, alpha, dropout, use_rslora, use_dora, max_r=min(features))
-        conv1d = is_conv1d(base)
-        if fan_in_fan_out != conv1d:
-            warnings.warn(
-                f"fan_in_fan_out={fan_in_fan_out} does not fit a {type(base).__name__}; using {conv1d}",
-                stacklevel=3,
-            )
-            fan_in_fan_out = conv1d
-        self.fan_in_fan_out = fan_in_fan_out
+        self.fan_in_fan_out = fan_in_fan_out = self._fan_in_fan_out(base, fan_in_fan_out)
 
         # The frozen base. A dense one keeps the module's own Parameter, registered here under `weight`
         # (directly: `weight` is a property showing base.weight), so its key and every reference survive.
-        self.base = frozen if frozen is not None else frozen_base_of(base, fan_in_fan_out)  # NF4 stays NF4
+        self.base = frozen if frozen is not None else self._frozen_base(base, fan_in_fan_out)  # NF4 stays NF4
         if isinstance(self.base, DenseBase):
             self._parameters["weight"] = self.base.weight
-        self.bias = base.bias  # (out,) or None
+        self.bias = getattr(base, "bias", None)  # (out,) or None
         self._init_adapters(adapter_dtype_for(base.weight.dtype))  # lora_A, lora_B, lora_specs, ...
         self.disabled = False  # lc.disable_adapter: the base alone
         self.row_adapters: list[str] | None = None  # lc.mixed_adapters: one adapter name per row of x
@@ -122,6 +120,32 @@ class LoRALinear(HoldsAdapters):
         self.active_adapters = [adapter_name]
         # Take over the base's mode: a layer put into an eval model must not start applying dropout.
         self.train(base.training)
+
+    # ---- what this class adapts (LoRAEmbedding and LoRAConv override these) ----------------------------
+    ADAPTS = "nn.Linear or GPT-2 Conv1D"
+    fusable = True  # one active adapter may take the fused CUDA Functions (a linear map)
+
+    @classmethod
+    def features(cls, module: nn.Module) -> tuple[int, int] | None:
+        """``(in, out)`` of a module of the type this class adapts; None for any other module."""
+        return linear_features(module)
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        """Why this class cannot adapt ``module`` although its type fits (None: it can)."""
+        return None
+
+    def _fan_in_fan_out(self, base: nn.Module, fan_in_fan_out: bool) -> bool:
+        conv1d = is_conv1d(base)
+        if fan_in_fan_out != conv1d:
+            warnings.warn(
+                f"fan_in_fan_out={fan_in_fan_out} does not fit a {type(base).__name__}; using {conv1d}",
+                stacklevel=4,
+            )
+        return conv1d
+
+    def _frozen_base(self, base: nn.Module, fan_in_fan_out: bool) -> FrozenBase:
+        return frozen_base_of(base, fan_in_fan_out)
 
     @classmethod
     def from_linear(
@@ -146,6 +170,8 @@ class LoRALinear(HoldsAdapters):
         layer.reset_lora_parameters(init, layer.adapter_names()[0])
         return layer
 
+    from_module = from_linear  # the name that reads right for every LoRA layer class
+
     @property
     def merged(self) -> bool:
         """Whether any adapter is folded into the base weight."""
@@ -161,7 +187,7 @@ class LoRALinear(HoldsAdapters):
             return self._mixed_forward(x, self.row_adapters)
         off = self.disabled or self.merged  # merged: the base holds them
         active = [] if off else [n for n in self.active_adapters if n in self.lora_specs]  # once per call
-        if len(active) == 1:  # one adapter: the fused Function where dispatch says so
+        if len(active) == 1 and self.fusable:  # one adapter: the fused Function where dispatch says so
             plan = dispatch.plan_lora(self, x)
             if plan.path == "fused":
                 return self._fused_forward(x, plan.dtype, active[0])
@@ -239,8 +265,8 @@ class LoRALinear(HoldsAdapters):
     def _factors(self, name: str) -> tuple[Tensor, Tensor, float, Tensor | None]:
         """``(A, B, s, m)`` of adapter ``name`` (``m``: DoRA's magnitude, or None)."""
         spec = self.lora_specs[name]
-        m = self.magnitude(name) if spec.use_dora else None
-        return self.lora_A[name], self.lora_B[name], spec.scaling, m
+        m = self.magnitude(name).reshape(-1) if spec.use_dora else None  # (out,)
+        return *self.matrices(name), spec.scaling, m
 
     def _merged(self, names: list[str], w0: Tensor | None = None) -> tuple[Tensor, list[Tensor | None]]:
         """``W₀`` (the base's, or ``w0``) with the adapters ``names`` folded in, in float32 or wider, and each

@@ -80,7 +80,8 @@ def loraplus_param_groups(
         scale = next((float(s) for pat, s in patterns.items() if re.search(pat, name)), 1.0)
         if _is_b(name):
             scale *= ratio
-        wd = float(weight_decay) if p.dim() >= 2 else 0.0
+        # DoRA's magnitude is a vector even where PEFT shapes it (1, out, 1, ...) for a conv: no decay
+        wd = float(weight_decay) if p.dim() >= 2 and "lora_magnitude" not in name else 0.0
         groups.setdefault((scale, wd), []).append(p)
     if not groups:
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -152,15 +152,60 @@ class HoldsAdapters(HoldsFrozenBase):
     out_features: int
     base: Any
 
+    # PEFT's file key of each factor (A, B, DoRA's magnitude) -> this layer's own key for adapter "default"
+    # and for any other adapter "{}" (relative to the layer); lora_core.lora.adapters reads/writes with it.
+    ADAPTER_KEYS: ClassVar[dict[str, tuple[str, str]]] = {
+        "lora_A.weight": ("lora_A.weight", "lora_A.{}.weight"),
+        "lora_B.weight": ("lora_B.weight", "lora_B.{}.weight"),
+        "lora_magnitude_vector": ("lora_magnitude_vector", "lora_magnitude.{}.weight"),
+    }
+
     def _init_adapters(self, adapter_dtype: torch.dtype) -> None:
         self._adapter_dtype = adapter_dtype
         self.lora_dropout: nn.Module = nn.Identity()  # the default adapter's (kept for PEFT-like access)
-        self.lora_A = AdapterSlots()  # [name] (r, in)
-        self.lora_B = AdapterSlots()  # [name] (out, r)
+        self._init_factor_slots()
         self.lora_magnitude = AdapterSlots(own_default=False)  # DoRA magnitudes of non-default adapters
         self.lora_specs: dict[str, AdapterSpec] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+
+    def _init_factor_slots(self) -> None:
+        """The containers of A and B (``LoRAEmbedding``, whose PEFT keys differ, overrides it)."""
+        self.lora_A = AdapterSlots()  # [name] (r, in)
+        self.lora_B = AdapterSlots()  # [name] (out, r)
+
+    @classmethod
+    def in_out(cls, module: nn.Module) -> tuple[int, int]:
+        """``(in, out)`` of this class's layer or of a module it adapts (``features``)."""
+        if isinstance(module, HoldsAdapters):
+            return module.in_features, module.out_features
+        features = cls.features(module)  # type: ignore[attr-defined]
+        if features is None:
+            raise TypeError(f"{cls.__name__} cannot adapt a {type(module).__name__}")
+        return features  # type: ignore[no-any-return]
+
+    @classmethod
+    def factor_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, ...], ...]:
+        """Shapes of A, B and DoRA's magnitude of a rank-``r`` adapter on ``module`` (this class's layer or
+        the module it adapts), as PEFT stores them: ``(r, in)``, ``(out, r)``, ``(out,)``."""
+        n_in, n_out = cls.in_out(module)
+        return (r, n_in), (n_out, r), (n_out,)
+
+    def matrices(self, name: str) -> tuple[Tensor, Tensor]:
+        """Adapter ``name``'s A (r, in) and B (out, r) as matrices (a conv layer's: views of its kernels)."""
+        return self.lora_A[name], self.lora_B[name]
+
+    def adapter_tensors(self, name: str) -> dict[str, Tensor]:
+        """Adapter ``name``'s tensors by PEFT's file key (relative to the layer): A, B, DoRA's magnitude."""
+        key_a, key_b, key_m = self.ADAPTER_KEYS
+        out = {key_a: self.lora_A[name], key_b: self.lora_B[name]}
+        return {**out, key_m: self.magnitude(name)} if self.lora_specs[name].use_dora else out
+
+    @classmethod
+    def adapter_shapes(cls, module: nn.Module, r: int, use_dora: bool) -> dict[str, tuple[int, ...]]:
+        """The shapes `adapter_tensors` has for a rank-``r`` adapter on ``module``, by the same keys."""
+        keys, shapes = list(cls.ADAPTER_KEYS), cls.factor_shapes(module, r)
+        return dict(zip(keys, shapes if use_dora else shapes[:2]))
 
     # ---- the adapters --------------------------------------------------------------------------------------
     def add_adapter(
@@ -183,10 +228,11 @@ class HoldsAdapters(HoldsFrozenBase):
         names = self.lora_A.names()
         device = self.lora_A[names[0]].device if names else self.base.weight.device
         like = {"device": device, "dtype": self._adapter_dtype}
-        self.lora_A[name] = nn.Parameter(torch.empty(r, n_in, **like))  # type: ignore[arg-type]
-        self.lora_B[name] = nn.Parameter(torch.empty(n_out, r, **like))  # type: ignore[arg-type]
+        shape_a, shape_b, shape_m = self.factor_shapes(self, r)
+        self.lora_A[name] = nn.Parameter(torch.empty(shape_a, **like))  # type: ignore[arg-type]
+        self.lora_B[name] = nn.Parameter(torch.empty(shape_b, **like))  # type: ignore[arg-type]
         if use_dora:
-            m = nn.Parameter(torch.ones(n_out, **like))  # type: ignore[arg-type]
+            m = nn.Parameter(torch.ones(shape_m, **like))  # type: ignore[arg-type]
             if name == DEFAULT:
                 self.lora_magnitude_vector = m
             else:
@@ -242,7 +288,7 @@ class HoldsAdapters(HoldsFrozenBase):
         """The update ``s · B A`` of the default adapter (or ``adapter_name``), in the adapter's dtype."""
         name = adapter_name or (DEFAULT if DEFAULT in self.lora_specs else self.adapter_names()[0])
         s = self.lora_specs[name].scaling
-        return functional.lora_delta_weight_ref(self.lora_A[name], self.lora_B[name], s)
+        return functional.lora_delta_weight_ref(*self.matrices(name), s)
 
     # ---- adapter initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -268,8 +314,13 @@ class HoldsAdapters(HoldsFrozenBase):
             self._pissa_init(a, b, spec)
         else:  # "olora", "pissa_niter_<N>", "loftq..." (lora_core.lora.inits); ValueError for anything else
             inits.apply_extra_init(self, init, a, b, spec.r, spec.scaling)
-        if spec.use_dora:
-            self.magnitude(adapter_name).copy_(self._dora_norm(adapter_name, a.dtype))
+        self._reset_magnitude(adapter_name)
+
+    def _reset_magnitude(self, name: str) -> None:
+        """DoRA's magnitude ← ``‖W₀ + s·BA‖_row`` (its initial value; nothing for a LoRA adapter)."""
+        if self.lora_specs[name].use_dora:
+            m = self.magnitude(name)
+            m.copy_(self._dora_norm(name, m.dtype).view(m.shape))  # a conv's m is (1, out, 1, ...)
 
     def _pissa_init(self, a_out: Tensor, b_out: Tensor, spec: AdapterSpec) -> None:
         w = self.base.dense_weight()
@@ -284,6 +335,5 @@ class HoldsAdapters(HoldsFrozenBase):
 
     def _dora_norm(self, name: str, dtype: torch.dtype) -> Tensor:  # (out,)
         """``‖W₀ + s·BA‖`` per output row for adapter ``name``, in ``dtype``, without gradient (DoRA §4.3)."""
-        a, b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
+        a, b = (t.to(dtype) for t in self.matrices(name))
         return functional.dora_weight_norm(self.base.dense_weight(dtype), a, b, self.lora_specs[name].scaling)
-

@@ -1,6 +1,7 @@
 """Model surgery: put LoRA layers into any ``nn.Module``, fold them in, take them out.
 
-    apply_lora(model, cfg)   every target Linear/Conv1D → LoRALinear (in place); base frozen; on a model
+    apply_lora(model, cfg)   every target Linear/Conv1D → LoRALinear, Embedding → LoRAEmbedding, Conv1d/2d →
+                             LoRAConv (in place; `registry.plan_layers`); base frozen; on a model
                              that has adapters already, adds adapter ``adapter_name`` next to them
     merge_lora / unmerge_lora    W₀ ⇄ W₀ + s·BA in every layer not yet / already merged (exact up to rounding)
     unload_lora(model)           merged, adapters gone: the plain modules again
@@ -30,11 +31,14 @@ from lora_core.lora.registry import (
     ACTIVE_ATTR,
     CONFIG_ATTR,
     CONFIGS_ATTR,
+    TARGET_TYPES,
     adapter_configs,
     add_model_adapter,
     check_new_adapter_name,
     features_of,
+    lora_class_for,
     lora_layers,
+    plan_layers,
     replace_module,
 )
 from lora_core.lora.slots import DEFAULT, check_adapter_name
@@ -131,10 +135,11 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
         targets = DEFAULT_TARGETS[model_type]
     lora_paths = [p for p, m in model.named_modules() if isinstance(m, LoRALinear)]
     modules = {  # the modules inside a LoRA layer (its base, its adapters) are no targets
-        p: m for p, m in model.named_modules() if not any(p.startswith(q + ".") or not q for q in lora_paths)
-        or p in lora_paths
+        p: m
+        for p, m in model.named_modules()
+        if not any(p.startswith(q + ".") or not q for q in lora_paths) or p in lora_paths
     }
-    root_linear = features_of(model) is not None  # a bare Linear can be its own target
+    root_linear = lora_class_for(model) is not None  # a bare Linear (Embedding, Conv) can be its own target
     saved = [p for p in modules if p and _matches(cfg.effective_modules_to_save(), p)]
     if targets == "all-linear":
         heads = _output_head(model)
@@ -164,11 +169,14 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             index = _layer_index(path, cfg.layers_pattern)
             if index is None or index not in cfg.layers_to_transform:
                 continue
-        if features_of(modules[path]) is None:
+        cls = lora_class_for(modules[path])
+        if cls is None:
             raise TypeError(
-                f"target module {path!r} is a {type(modules[path]).__name__}; LoRA supports nn.Linear and "
-                "GPT-2 Conv1D layers"
+                f"target module {path!r} is a {type(modules[path]).__name__}; LoRA supports {TARGET_TYPES}"
             )
+        reason = None if isinstance(modules[path], LoRALinear) else cls.unsupported(modules[path])
+        if reason is not None:
+            raise ValueError(f"target module {path!r} cannot be adapted: {reason}")
         chosen.append(path)
     if not chosen:
         raise ValueError(
@@ -214,7 +222,9 @@ def apply_lora(
     *,
     adapter_name: str = DEFAULT,
 ) -> nn.Module:
-    """Replace the target layers of ``model`` by ``LoRALinear`` (in place) and freeze everything else.
+    """Replace the target layers of ``model`` by LoRA layers (in place) and freeze everything else:
+    ``LoRALinear`` for ``nn.Linear`` / GPT-2 ``Conv1D``, ``LoRAEmbedding`` for ``nn.Embedding``, ``LoRAConv``
+    for ``nn.Conv1d`` / ``nn.Conv2d`` (named in ``target_modules``; ``"all-linear"`` takes linear ones only).
 
     On a model that has adapters already, this adds adapter ``adapter_name`` next to them (same or other
     targets, rank, DoRA or not; as PEFT's ``add_adapter``): it is not active (``lc.set_adapter`` makes it
@@ -235,8 +245,10 @@ def apply_lora(
         ValueError: ``adapter_name`` exists already; a second adapter with ``modules_to_save`` or
             ``bias != "none"``; a target name that matches nothing (the message lists the closest
             module names); ``r`` larger than a layer's ``min(in, out)``; nothing left to adapt; a ``device``
-            this process cannot use (e.g. ``"cuda"`` without CUDA).
-        TypeError: ``cfg`` is not a LoraConfig; a target is not a linear layer; ``device`` of another type.
+            this process cannot use (e.g. ``"cuda"`` without CUDA); an embedding / conv target with
+            ``quantize="nf4"``, an init other than default / gaussian, or a conv with ``groups``,
+            ``dilation`` or ``padding_mode`` other than the defaults.
+        TypeError: ``cfg`` is not a LoraConfig; a target of another type; ``device`` of another type.
     """
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"cfg must be a lora_core.LoraConfig, got {type(cfg).__name__}")
@@ -248,38 +260,24 @@ def apply_lora(
             f"adapter {adapter_name!r}: only the first adapter ({next(iter(existing))!r}) may train "
             "modules_to_save or biases; use modules_to_save=None, bias='none' for the others"
         )
-    cls: type[LoRALinear] = LoRALinear
-    extra: dict[str, object] = {}
-    if cfg.quantize == "nf4":
-        from lora_core.lora.qlora import QLoRALinear  # lazily: the NF4 path is optional
-
-        cls = QLoRALinear
-        extra = {"quant_block_size": cfg.quant_block_size, "double_quant": cfg.double_quant}
-
     # Validate everything before touching the model.
     if device is not None:
         device = _check_device(device)  # a bad or absent device fails here, not halfway through the surgery
     paths = find_targets(model, cfg)
     to_save = find_modules_to_save(model, cfg)
     modules = dict(model.named_modules())
-    plan = []
-    for path in paths:
-        r, alpha = cfg.rank_and_alpha(path)
-        n_in, n_out = features_of(modules[path])  # type: ignore[misc]
-        if r > min(n_in, n_out):
-            raise ValueError(f"r={r} is larger than min(in, out)={min(n_in, n_out)} of module {path!r}")
-        plan.append((path, r, alpha))
+    plan = plan_layers(model, cfg, paths)  # the class per target; r, nf4 and init checked per layer type
     rest = frozen_linear_paths(model, set(paths) | _output_head(model), to_save) if cfg.quantize_base else []
 
     if existing:
-        return add_model_adapter(model, cfg, adapter_name, plan, cls, extra, device)
+        return add_model_adapter(model, cfg, adapter_name, plan, device)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     new_root: nn.Module | None = None
-    for path, r, alpha in plan:
+    for path, r, alpha, cls, extra in plan:
         if device is not None:
             modules[path].to(device)  # this layer's dense weight only; QLoRA quantizes it right there
-        layer = cls.from_linear(
+        layer = cls.from_module(
             modules[path], r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
             use_dora=cfg.use_dora, init=cfg.init, fan_in_fan_out=cfg.fan_in_fan_out,
             adapter_name=adapter_name, **extra,

@@ -77,8 +77,10 @@ class LoraTrainer(transformers.Trainer):
         # A model loaded 4-bit by bitsandbytes keeps `hf_quantizer` after apply_lora; the Trainer refuses a
         # quantized model without a PEFT adapter ("purely quantized"); transformers' own flag for "adapters
         # attached" lets it through, for the constructor's check only.
-        hide = model is not None and getattr(model, "is_quantized", False) and any(
-            name.endswith("lora_A.weight") for name, _ in model.named_parameters()
+        hide = (
+            model is not None
+            and getattr(model, "is_quantized", False)
+            and any(name.endswith("lora_A.weight") for name, _ in model.named_parameters())
         )
         flag = "_hf_peft_config_loaded"
         before = model.__dict__.get(flag, _UNSET) if model is not None else _UNSET
