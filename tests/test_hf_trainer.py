@@ -128,3 +128,42 @@ def test_a_bitsandbytes_4bit_model_trains(base: torch.nn.Module, tmp_path: Path)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     names = {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
     assert "adapter_model.safetensors" in names and "model.safetensors" not in names
+
+
+def vit_examples() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [
+        {"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": torch.tensor(i % 3)} for i in range(8)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["llama", "vit"])
+def test_gradient_checkpointing_trains_as_without(base: torch.nn.Module, tmp_path: Path, kind: str) -> None:
+    """``gradient_checkpointing=True`` (reentrant) with the whole base frozen: the same losses and weights
+    as without. For the ViT (``pixel_values``) transformers adds no embedding hook: apply_lora's does it."""
+    from test_hf_checkpointing import tiny_vit
+
+    model0, examples = (copy.deepcopy(base), data()) if kind == "llama" else (tiny_vit(), vit_examples())
+    runs = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = lc.apply_lora(copy.deepcopy(model0), CFG)  # gaussian A, B = 0: A learns from step 2 on
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(checkpointing)), max_steps=3, per_device_train_batch_size=2,
+            learning_rate=1e-2, save_strategy="no", logging_steps=1, report_to=[], use_cpu=True, seed=0,
+            data_seed=0, disable_tqdm=True, gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+        )  # fmt: skip
+        before = lora_tensors(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = LoraTrainer(model=model, args=args, train_dataset=examples)
+            trainer.train()
+        assert model.is_gradient_checkpointing is checkpointing
+        after = lora_tensors(model)
+        assert all(not torch.equal(before[k], after[k]) for k in before), kind  # every LoRA tensor moved
+        runs[checkpointing] = ([log["loss"] for log in trainer.state.log_history if "loss" in log], after)
+    (losses, want), (losses_ckpt, got) = runs[False], runs[True]
+    assert losses_ckpt == pytest.approx(losses, rel=1e-5)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -264,6 +264,7 @@ def load_adapter(
     quantize: str = "none",
     quant_block_size: int = 64,
     double_quant: bool = True,
+    quantize_base: bool | None = None,
 ) -> nn.Module:
     """Apply the adapter saved at ``path`` to ``model`` in place: to a base model, or next to the adapters
     ``model`` has (as adapter ``adapter_name``, inactive until ``lc.set_adapter``; PEFT's ``load_adapter``).
@@ -277,8 +278,8 @@ def load_adapter(
         adapter_name: the name the adapter gets in ``model``.
         is_trainable: keep the adapter trainable; otherwise (PEFT's default) it is frozen (a first adapter:
             the whole model) and the model is put in eval mode.
-        quantize, quant_block_size, double_quant: how to store the base (``LoraConfig`` fields that are not
-            part of an adapter).
+        quantize, quant_block_size, double_quant, quantize_base: how to store the base (``LoraConfig``
+            fields that are not part of an adapter).
 
     Returns:
         ``model``, with the adapter applied.
@@ -293,8 +294,9 @@ def load_adapter(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg, tensors = read_adapter(
-        path, quantize=quantize, quant_block_size=quant_block_size, double_quant=double_quant
-    )
+        path, quantize=quantize, quant_block_size=quant_block_size, double_quant=double_quant,
+        quantize_base=quantize_base,
+    )  # fmt: skip
     check_adapter_name(adapter_name)
     check_new_adapter_name(model, adapter_name, "load it under another adapter_name")
     existing = adapter_configs(model)

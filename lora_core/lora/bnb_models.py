@@ -56,4 +56,20 @@ def read_linear4bit(module: nn.Module) -> NF4Tensor:
     return NF4Tensor.from_bnb_state(tensors, "weight")
 
 
-__all__ = ["is_bnb_4bit", "read_linear4bit"]
+def check_linear4bits(model: nn.Module, paths: list[str]) -> None:
+    """`read_linear4bit` on every quantized Linear4bit among ``paths`` (before any surgery, so a malformed
+    weight, e.g. from a damaged checkpoint, fails with the model unchanged).
+
+    Raises:
+        ValueError: naming the module's path and what is wrong with its weight.
+    """
+    for path in paths:
+        module = model.get_submodule(path)
+        if is_bnb_4bit(module):
+            try:
+                read_linear4bit(module)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{path or type(model).__name__}: {err}") from None
+
+
+__all__ = ["check_linear4bits", "is_bnb_4bit", "read_linear4bit"]

@@ -72,7 +72,9 @@ def from_peft_fields(
         if data.get(key):
             raise ValueError(f"{source}: {key}={data[key]!r} is not supported by lora_core")
     init = data.get("init_lora_weights", True)
-    if init is False and not strict_init:  # an adapter file: the weights are loaded, the init is moot
+    # An adapter file: the weights are loaded, so the init is moot (EVA's data-driven A is in the tensors,
+    # its redistributed ranks in rank_pattern / alpha_pattern).
+    if (init is False or init == "eva") and not strict_init:
         init = True
     try:
         our_init = init_from_peft(init, "init_lora_weights")

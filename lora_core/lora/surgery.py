@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora_core.lora.bnb_models import check_linear4bits
 from lora_core.lora.config import TASK_MODULES_TO_SAVE, LoraConfig
+from lora_core.lora.hf_model import disable_input_grads, enable_input_grads, record_quantization
 from lora_core.lora.layer import LoRALinear
 from lora_core.lora.quantize_base import frozen_linear_paths, quantize_frozen_linears
 from lora_core.lora.registry import (
@@ -268,9 +270,12 @@ def apply_lora(
     modules = dict(model.named_modules())
     plan = plan_layers(model, cfg, paths)  # the class per target; r, nf4 and init checked per layer type
     rest = frozen_linear_paths(model, set(paths) | _output_head(model), to_save) if cfg.quantize_base else []
+    check_linear4bits(model, paths + rest)  # bitsandbytes weights adopted below: read them all first
 
     if existing:
-        return add_model_adapter(model, cfg, adapter_name, plan, device)
+        add_model_adapter(model, cfg, adapter_name, plan, device)
+        record_quantization(model)
+        return model
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     new_root: nn.Module | None = None
@@ -316,6 +321,8 @@ def apply_lora(
     object.__setattr__(root, CONFIGS_ATTR, {adapter_name: saved_cfg})
     object.__setattr__(root, ACTIVE_ATTR, [adapter_name])
     object.__setattr__(root, REQUIRES_GRAD_ATTR, flags)
+    record_quantization(root)  # config.json says "4 bit" for save_pretrained / from_pretrained
+    enable_input_grads(root)  # LoRA gradients under reentrant checkpointing with frozen embeddings
     return root
 
 
@@ -404,4 +411,6 @@ def unload_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
     for attr in (CONFIG_ATTR, CONFIGS_ATTR, ACTIVE_ATTR, REQUIRES_GRAD_ATTR):
         if attr in model.__dict__:
             object.__delattr__(model, attr)
+    disable_input_grads(root)
+    record_quantization(root)  # dense again, or NF4Linear layers still (dequantize=False, quantize_base)
     return root

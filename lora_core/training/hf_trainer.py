@@ -11,6 +11,9 @@ changes only what is written and read for the model:
     load_best_model_at_end          the same, from the best checkpoint
     a bitsandbytes 4-bit model      accepted once lora_core's adapters are on it (a plain Trainer refuses a
                                     model with ``hf_quantizer`` and no PEFT adapter as "purely quantized")
+    gradient_checkpointing=True     nothing to do here: ``apply_lora`` hooks the input embeddings so their
+                                    output requires grad (``lora_core.lora.hf_model``), so the checkpointed
+                                    blocks pass gradients to the adapters, reentrant or not
 
 Importing this module imports ``transformers`` (``import lora_core`` does not)::
 
