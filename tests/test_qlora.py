@@ -261,3 +261,25 @@ def test_unload_keeps_the_train_eval_mode(dequantize: bool, merged_first: bool, 
         out = lc.unload_lora(model, dequantize=dequantize)
     assert [m.training for m in out.modules()] == [training] * 4
     assert isinstance(out[0], nn.Linear if dequantize else NF4Linear)
+
+
+def test_unload_with_dequantize_gives_a_plain_dense_model_also_for_quantize_base_layers() -> None:
+    """``quantize_base`` (the default under quantize="nf4") stores the non-target layers as frozen NF4Linear;
+    ``unload_lora(dequantize=True)`` (what ``lora-core merge`` does) left them in 4 bit, so the "dense" merged
+    model was not dense. Now every layer is an nn.Linear holding the weights the model computed with."""
+    import lora_core as lc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    lc.apply_lora(model, lc.LoraConfig(r=4, target_modules=["0"], quantize="nf4"))
+    assert isinstance(model[2], NF4Linear) and isinstance(model[4], NF4Linear)  # quantize_base
+    with torch.no_grad():
+        model[0].lora_B.weight.normal_()
+    x = torch.randn(8, 64)
+    want = model(x).detach()
+    frozen_weight = dequantize_nf4(model[2].base.q, torch.float32)
+    plain = lc.unload_lora(model, dequantize=True)
+    assert [type(m) for m in plain if not isinstance(m, nn.ReLU)] == [nn.Linear] * 3
+    assert torch.equal(plain[2].weight, frozen_weight)
+    assert plain[2].weight.requires_grad  # as before apply_lora, like every unloaded parameter
+    assert_close(plain(x), want, torch.float32)

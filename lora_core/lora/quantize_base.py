@@ -63,4 +63,18 @@ def quantize_frozen_linears(
         setattr(model.get_submodule(parent) if parent else model, child, nf4)
 
 
-__all__ = ["frozen_linear_paths", "quantize_frozen_linears"]
+def dequantize_frozen_linears(model: nn.Module) -> None:
+    """Replace every frozen `NF4Linear` in ``model`` by an ``nn.Linear`` holding ``dequant(W)`` exactly (the
+    weights the model computed with), bias kept: what ``unload_lora(dequantize=True)`` does to the
+    layers ``quantize_base`` stored in NF4, so that the result is a plain dense model."""
+    for path, module in [(p, m) for p, m in model.named_modules() if isinstance(m, NF4Linear)]:
+        weight = module.base.dense_weight()  # (out, in), the dtype the weight was quantized from
+        dense = nn.Linear(module.in_features, module.out_features, bias=False, device=weight.device)
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        dense.bias = module.bias
+        dense.train(module.training)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+
+
+__all__ = ["dequantize_frozen_linears", "frozen_linear_paths", "quantize_frozen_linears"]

@@ -28,7 +28,11 @@ from lora_core.lora.bnb_models import check_linear4bits
 from lora_core.lora.config import TASK_MODULES_TO_SAVE, LoraConfig
 from lora_core.lora.hf_model import disable_input_grads, enable_input_grads, record_quantization
 from lora_core.lora.layer import LoRALinear
-from lora_core.lora.quantize_base import frozen_linear_paths, quantize_frozen_linears
+from lora_core.lora.quantize_base import (
+    dequantize_frozen_linears,
+    frozen_linear_paths,
+    quantize_frozen_linears,
+)
 from lora_core.lora.registry import (
     ACTIVE_ATTR,
     CONFIG_ATTR,
@@ -393,7 +397,9 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def unload_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Merge every adapter and put the plain modules back (``layer.unload(dequantize=...)``); parameters get
     back the ``requires_grad`` they had before ``apply_lora``. Returns ``model`` (or the plain layer when
-    ``model`` itself is a ``LoRALinear``).
+    ``model`` itself is a ``LoRALinear``). With ``dequantize=True`` the result is a plain dense model: the
+    frozen `NF4Linear` layers of ``quantize_base`` become ``nn.Linear`` holding their exact dequantized
+    weights.
 
     Raises:
         ValueError: no LoRA layers.
@@ -405,6 +411,8 @@ def unload_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
         for path, layer in list(lora_layers(model)):
             replace_module(model, path, layer.unload(dequantize=dequantize))
         root = model
+    if dequantize:
+        dequantize_frozen_linears(root)
     flags = getattr(model, REQUIRES_GRAD_ATTR, {})
     for name, p in root.named_parameters():
         p.requires_grad_(flags.get(name, True))
@@ -412,5 +420,5 @@ def unload_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
         if attr in model.__dict__:
             object.__delattr__(model, attr)
     disable_input_grads(root)
-    record_quantization(root)  # dense again, or NF4Linear layers still (dequantize=False, quantize_base)
+    record_quantization(root)  # dense again, or NF4Linear layers still (dequantize=False)
     return root
