@@ -151,15 +151,16 @@ def intercepted(arch: int) -> Iterator[list[Launch]]:
     def no_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype)  # cuBLAS's part: not ours to compile
 
-    saved = (JITFunction.run, nf4_dequant.check_device, nf4_gemm.check_device, nf4_gemm._num_sms, nf4_gemm.F)
+    saved = (JITFunction.run, nf4_dequant.check_device, nf4_gemm.check_device, nf4_gemm.num_sms,
+             nf4_gemm.F)  # fmt: skip
     JITFunction.run = record
     nf4_dequant.check_device = nf4_gemm.check_device = lambda t, name: None
-    nf4_gemm._num_sms = lambda device: ARCHS[arch].sms
+    nf4_gemm.num_sms = lambda device: ARCHS[arch].sms
     nf4_gemm.F = types.SimpleNamespace(linear=no_linear)
     try:
         yield launches
     finally:
-        (JITFunction.run, nf4_dequant.check_device, nf4_gemm.check_device, nf4_gemm._num_sms,
+        (JITFunction.run, nf4_dequant.check_device, nf4_gemm.check_device, nf4_gemm.num_sms,
          nf4_gemm.F) = saved  # fmt: skip
 
 
