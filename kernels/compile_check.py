@@ -83,7 +83,8 @@ class Case:
     double_quant: bool = True
     m: int = 1
     bias: bool = False
-    layout: str = "contiguous"  # of x / grad_out: contiguous, strided (every other column), transposed
+    layout: str = "contiguous"  # of x / grad_out: contiguous, strided (every other column), transposed,
+    # padded (rows of a wider tensor: a row stride that is not a multiple of 8)
 
     @property
     def name(self) -> str:
@@ -187,6 +188,8 @@ def _activation(rows: int, cols: int, dtype: torch.dtype, layout: str) -> torch.
         return torch.empty(cols, rows, dtype=dtype).T
     if layout == "strided":
         return torch.empty(rows, 2 * cols, dtype=dtype)[:, ::2]
+    if layout == "padded":
+        return torch.empty(rows, cols + 4, dtype=dtype)[:, :cols]
     return torch.empty(rows, cols, dtype=dtype)
 
 
@@ -253,8 +256,9 @@ def cases() -> list[Case]:
                         out.append(Case("grad", names[dt], n, k, bs, dq, m))
                         for bias in (False, True):
                             out.append(Case("matmul", names[dt], n, k, bs, dq, m, bias))
-    # other strides of x / grad_out (a stride of 1 becomes a constant, so these are other kernels)
-    for layout in ("strided", "transposed"):
+    # other strides of x / grad_out (a stride of 1 becomes a constant, and the forward kernel specialises on
+    # x's row stride being a multiple of 8, so these are other kernels)
+    for layout in ("strided", "transposed", "padded"):
         for m in (1, nf4_gemm.FUSED_MAX_M):
             out.append(Case("matmul", "bfloat16", 4096, 4096, 64, True, m, False, layout))
             out.append(Case("grad", "bfloat16", 4096, 4096, 64, True, m, False, layout))

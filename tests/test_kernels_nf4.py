@@ -143,7 +143,7 @@ def _expected(a: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None, grad: bo
     double_quant=st.booleans(),
     dtype=st.sampled_from(DTYPES),
     with_bias=st.booleans(),
-    layout=st.sampled_from(["2d", "3d", "noncontiguous", "transposed"]),
+    layout=st.sampled_from(["2d", "3d", "noncontiguous", "transposed", "padded"]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_matmul(m, n, k, double_quant, dtype, with_bias, layout, seed) -> None:
@@ -156,10 +156,23 @@ def test_matmul(m, n, k, double_quant, dtype, with_bias, layout, seed) -> None:
         x = noncontiguous(x)
     elif layout == "transposed":
         x = randn(k, m, seed=seed + 1, dtype=dtype).T  # column-major x
+    elif layout == "padded":  # rows of a wider tensor: a row stride that is not a multiple of 8
+        x = randn(m, k + 4, seed=seed + 1, dtype=dtype)[:, :k]
     buffers = poisoned(m, q, (*x.shape[:-1], n), dtype, grad=False)
     y = kernels.nf4_matmul(x, q, bias, **buffers)
     assert y is buffers["out"] and y.shape == (*x.shape[:-1], n) and y.dtype == dtype
     assert_close(y, _expected(x, q, bias, grad=False))
+
+
+@pytest.mark.parametrize("pad", [4, 8])  # a row stride of K + 4 (not a multiple of 8) and K + 8
+def test_matmul_row_stride_of_x(pad: int) -> None:
+    """x's rows inside a wider tensor: the fused kernel's 16-byte loads of x are only used when the row
+    stride is a multiple of 8 elements; either way the result is the contiguous x's, bit for bit."""
+    q = quantize(randn(24, 256, seed=40), 64, True)
+    wide = randn(3, 256 + pad, seed=41, dtype=torch.float16)
+    x = wide[:, :256]
+    assert torch.equal(kernels.nf4_matmul(x, q), kernels.nf4_matmul(x.contiguous(), q))
+    assert_close(kernels.nf4_matmul(x, q), _expected(x, q, None, grad=False))
 
 
 @given(
