@@ -64,7 +64,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 from lora_core.kernels import FUSED_MAX_M
 from lora_core.kernels.nf4_dequant import (
     check_device,
@@ -75,8 +74,8 @@ from lora_core.kernels.nf4_dequant import (
     packed_words,
     scale_args,
 )
-from lora_core.kernels.nf4_tile import w_tile_decode, w_tile_words
-from lora_core.kernels.splitk import check_workspace, num_sms, split_count, store_or_reduce, tile_counters
+from lora_core.kernels.nf4_gemm_kernels import nf4_matmul_grad_kernel, nf4_matmul_kernel
+from lora_core.kernels.splitk import check_workspace, num_sms, split_count, tile_counters
 
 from lora_core.quant.nf4 import NF4Tensor
 
@@ -88,132 +87,6 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16)  # fp32 activations: dequantize 
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-# Sizes and strides are not specialised (no ==1 constants, no divisibility hints): one compiled kernel
-# per constexpr configuration, whatever the shapes, so the compile gate can enumerate them all; a stride
-# of 1 along K (contiguous x) and along N (c) is still a constant (16-byte vector loads of x).
-_RUNTIME_INTS = ["M", "N", "K", "word_shift", "nested_shift", "stride_am", "stride_wn", "stride_cs",
-                 "stride_cm"]  # fmt: skip
-
-
-@triton.jit(do_not_specialize=[*_RUNTIME_INTS, "K_PER_SPLIT", "n_split", "has_bias"])
-def _nf4_matmul_kernel(
-    # pointers
-    a_ptr, words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-    bias_ptr, c_ptr, ws_ptr, counter_ptr,
-    # sizes
-    M, N, K, K_PER_SPLIT, n_split, word_shift, nested_shift, has_bias,
-    # strides
-    stride_am, stride_ak, stride_wn, stride_cs, stride_cm, stride_cn,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr, A_ALIGNED: tl.constexpr,
-):  # fmt: skip
-    """c = a @ Wᵀ (+ bias if has_bias != 0); a (M, K), W (N, K) NF4, c (M, N) in a's dtype.
-
-    Program (tile, s) sums over slice s of K; with n_split > 1 the slices meet in ws (n_split, M, N)
-    float32 (c's strides) and counter[tile] (``splitk.store_or_reduce``).
-    """
-    pid_mn = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid_mn // num_pid_n
-    pid_n = pid_mn % num_pid_n
-    offs_am = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    offs_bn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: W is the tensor cores' A operand
-    # K_PER_SPLIT is a multiple of BLOCK_K and K of 8 (the launcher's): written so, the compiler knows that
-    # the mask of x's loads is constant over 8 elements (16-byte loads; sizes are not specialised)
-    k_per_split = K_PER_SPLIT // BLOCK_K * BLOCK_K
-    k_start = pid_s * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K // 8 * 8)
-    if A_ALIGNED:  # x's rows start on multiples of 8 elements (launcher): say so, the same way
-        stride_am = stride_am // 8 * 8
-    word, scale = w_tile_words(
-        words_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-        offs_bn, k_start, N, k_end, stride_wn, word_shift, nested_shift,
-        BLOCK_K, GROUP, DOUBLE_QUANT,
-    )  # fmt: skip
-    for k0 in range(k_start, k_end, BLOCK_K):
-        # the next tile's words are loaded into registers while this one is decoded and multiplied
-        next_word, next_scale = w_tile_words(
-            words_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-            offs_bn, k0 + BLOCK_K, N, k_end, stride_wn, word_shift, nested_shift,
-            BLOCK_K, GROUP, DOUBLE_QUANT,
-        )  # fmt: skip
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-        a = tl.load(
-            a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=(offs_am[:, None] < M) & (offs_k[None, :] < k_end), other=0.0,
-        )  # (BM, BK)
-        w = w_tile_decode(word, scale, code_ptr, BLOCK_N, BLOCK_K)  # (BN, BK) float32
-        # accᵀ += dequant(W) @ xᵀ, W rounded to x's dtype first (as the reference does)
-        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
-        word, scale = next_word, next_scale
-
-    # run-time branches (bias or not, split or not): one compiled kernel for all four
-    offs_c = offs_bn[:, None] * stride_cn + offs_am[None, :] * stride_cm  # (BN, BM): c's element (m, n)
-    mask_c = (offs_bn[:, None] < N) & (offs_am[None, :] < M)
-    acc, last = store_or_reduce(acc, ws_ptr, counter_ptr, offs_c, mask_c, pid_mn, pid_s, n_split, stride_cs)
-    if last:  # the whole sum over K is in acc (no split, or the last of the tile's programs)
-        if has_bias != 0:
-            acc += tl.load(bias_ptr + offs_bn, mask=offs_bn < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(c_ptr + offs_c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
-
-
-@triton.jit(do_not_specialize=[*_RUNTIME_INTS, "N_PER_SPLIT", "n_split"])
-def _nf4_matmul_grad_kernel(
-    # pointers
-    a_ptr, words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, c_ptr, ws_ptr,
-    counter_ptr,
-    # sizes
-    M, N, K, N_PER_SPLIT, n_split, word_shift, nested_shift,
-    # strides
-    stride_am, stride_an, stride_wn, stride_cs, stride_cm, stride_ck,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr,
-):  # fmt: skip
-    """c = g @ W; g (M, N), W (N, K) NF4, c (M, K). Split over N as the forward kernel splits over K."""
-    pid_mk = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    pid_m = pid_mk // num_pid_k
-    pid_k = pid_mk % num_pid_k
-    offs_am = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    k0 = pid_k * BLOCK_K
-    offs_ck = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    n_start = pid_s * N_PER_SPLIT
-    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
-    word, scale = w_tile_words(
-        words_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-        n_start + tl.arange(0, BLOCK_N), k0, n_end, K, stride_wn, word_shift,
-        nested_shift, BLOCK_K, GROUP, DOUBLE_QUANT,
-    )  # fmt: skip
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,)
-        next_word, next_scale = w_tile_words(
-            words_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-            offs_n + BLOCK_N, k0, n_end, K, stride_wn, word_shift, nested_shift,
-            BLOCK_K, GROUP, DOUBLE_QUANT,
-        )  # fmt: skip
-        a = tl.load(
-            a_ptr + offs_am[:, None] * stride_am + offs_n[None, :] * stride_an,
-            mask=(offs_am[:, None] < M) & (offs_n[None, :] < n_end), other=0.0,
-        )  # (BM, BN)
-        w = w_tile_decode(word, scale, code_ptr, BLOCK_N, BLOCK_K)  # (BN, BK) float32
-        acc = tl.dot(a, w.to(a.dtype), acc)  # g @ dequant(W)
-        word, scale = next_word, next_scale
-
-    offs_c = offs_am[:, None] * stride_cm + offs_ck[None, :] * stride_ck  # (BM, BK)
-    mask_c = (offs_am[:, None] < M) & (offs_ck[None, :] < K)
-    acc, last = store_or_reduce(acc, ws_ptr, counter_ptr, offs_c, mask_c, pid_mk, pid_s, n_split, stride_cs)
-    if last:
-        tl.store(c_ptr + offs_c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -316,11 +189,11 @@ def _launch_fused(a: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None, grad
     quant = (packed_words(q.packed), q.absmax, q.code.reshape(16), nested_code, nested_absmax, offset)
     grid = (cfg["TILES"], split)
     if grad:
-        _nf4_matmul_grad_kernel[grid](a, *quant, out, workspace, counters, *sizes, *strides, **meta)
+        nf4_matmul_grad_kernel[grid](a, *quant, out, workspace, counters, *sizes, *strides, **meta)
     else:
         # x's rows start on multiples of 8 elements (K % 8 == 0 always here): 16-byte loads of x when its
         # pointer is 16-byte aligned too (the same for g in the grad kernel made it slower in the model)
-        _nf4_matmul_kernel[grid](
+        nf4_matmul_kernel[grid](
             a, *quant, bias if bias is not None else a, out, workspace, counters, *sizes,
             int(bias is not None), *strides, **meta, A_ALIGNED=a.stride(1) == 1 and a.stride(0) % 8 == 0,
             # ptxas' own cap for 4 warps on sm_80 is 168 registers, where this kernel spilled 8 bytes (the
