@@ -6,9 +6,17 @@ imported by those modules only, so ``import lora_core`` works on machines withou
 below are loaded on first attribute access (module ``__getattr__``).
 
 - ``nf4_dequantize(q, dtype=torch.bfloat16, out=None)``: NF4 -> dense, bit-exact (``nf4_dequant.py``).
-- ``nf4_matmul(x, q, bias=None)``: ``x @ dequant(q)ᵀ (+ bias)`` (``nf4_gemm.py``).
-- ``nf4_matmul_grad(grad_out, q)``: ``grad_out @ dequant(q)``, the input gradient (``nf4_gemm.py``).
-- ``nf4_matmul_fused(a, q, grad=False)``: the fused kernel alone at any M (benchmarks time both strategies).
+- ``nf4_matmul(x, q, bias=None, *, out=None, workspace=None)``: ``x @ dequant(q)ᵀ (+ bias)``
+  (``nf4_gemm.py``).
+- ``nf4_matmul_grad(grad_out, q, *, out=None, workspace=None)``: ``grad_out @ dequant(q)``, the input
+  gradient (``nf4_gemm.py``).
+- ``nf4_matmul_fused(a, q, *, grad=False, out=None, workspace=None)``: the fused kernel alone at any M
+  (benchmarks time both strategies).
+- ``nf4_matmul_workspace_numel(rows, q, *, grad=False)``: float32 elements a caller's ``workspace=`` needs
+  (the split-K partial sums; 0 when K is not split).
+
+``out=`` is where the result is written (contiguous, the result's shape, dtype and device), ``workspace=``
+float32 scratch; both are allocated when not given and their contents on entry never matter.
 
 On a machine without a GPU, setting ``TRITON_INTERPRET=1`` before Triton is first imported runs the
 kernels on the CPU (slowly): that is how CI tests them.
@@ -38,6 +46,7 @@ __all__: list[str] = [
     "nf4_matmul",
     "nf4_matmul_fused",
     "nf4_matmul_grad",
+    "nf4_matmul_workspace_numel",
 ]
 
 # Rows of x up to which `nf4_matmul` runs the fused kernel (it reads only the packed bytes); above it,
@@ -53,6 +62,7 @@ _LAZY = {
     "nf4_matmul": "nf4_gemm",
     "nf4_matmul_grad": "nf4_gemm",
     "nf4_matmul_fused": "nf4_gemm",
+    "nf4_matmul_workspace_numel": "nf4_gemm",
 }
 
 

@@ -83,6 +83,19 @@ def check_device(t: torch.Tensor, name: str) -> None:
     )
 
 
+def check_out(out: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A caller's ``out=``: a contiguous tensor of the result's shape, dtype and device (raises naming it)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be contiguous, shape {tuple(shape)}, dtype {dtype}, device {device}; got "
+            f"shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device}, "
+            f"contiguous={out.is_contiguous()}"
+        )
+    return out
+
+
 def packed_words(packed: torch.Tensor) -> torch.Tensor:
     """The packed bytes (contiguous uint8) as int32 words, 4 bytes each: a view when the byte count and
     the start are multiples of 4, else a zero-padded copy (only tiny or odd-sized weights: ``numel % 8``)."""
@@ -185,14 +198,7 @@ def nf4_dequantize(
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=q.device)
     else:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if out.shape != shape or out.dtype != dtype or out.device != q.device or not out.is_contiguous():
-            raise ValueError(
-                f"out must be contiguous, shape {tuple(shape)}, dtype {dtype}, device {q.device}; got "
-                f"shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device}, "
-                f"contiguous={out.is_contiguous()}"
-            )
+        check_out(out, shape, dtype, q.device)
     n = q.numel
     if n == 0:
         return out

@@ -14,7 +14,8 @@ pipe), and 1 L1 wavefront (128 bytes of LDG/STG/LDS/STS;
 hits one line). The busiest resource gives SM clocks per weight; 132 SMs at 1.755 GHz give a time; the
 HBM floor is bytes / bandwidth (H100 3.0 TB/s measured copy, H200 4.0 TB/s); the modelled time is the
 larger of the two. Not modelled: latency (loads in flight), shared-memory bank conflicts, DRAM efficiency,
-launch overhead (the split-K reduction's second launch, ~2–3 µs at M = 1), tensor-core time (≈1%).
+launch overhead, the split-K reduction (done by the last program of each tile, in the same launch: its
+reads of the float32 partials are outside the main loop), tensor-core time (≈1%).
 For dequantize the whole kernel is counted (no loop); for the matmuls the main loop (the longest
 backward branch of the SASS) over the weights one warp decodes per iteration.
 """
@@ -179,8 +180,8 @@ def report(arch: int = 90) -> list[dict[str, Any]]:
                 "occupancy_limit": by,
                 "error": r.error,
             }
-            if r.kernel == "_splitk_reduce_kernel" or r.error:
-                rows.append(row)  # not on the weight stream: launch latency, see the module doc
+            if r.error:
+                rows.append(row)
                 continue
             ce = r.constexprs
             if r.kernel == "_nf4_dequant_kernel":  # no loop: the whole kernel over one program's elements

@@ -10,12 +10,9 @@ hand (``bnb_oracle``).
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -76,19 +73,16 @@ def noncontiguous(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@contextlib.contextmanager
-def poisoned_alloc() -> Iterator[None]:
-    """Every output / split-K workspace the matmul launchers allocate starts as NaN (catches unwritten cells).
+def nan_full(shape: tuple[int, ...] | int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A NaN-filled tensor: as ``out=`` / ``workspace=`` it shows any cell a kernel reads before writing
+    or forgets to write (NaN is never equal to anything)."""
+    return torch.full((shape,) if isinstance(shape, int) else shape, float("nan"), dtype=dtype, device=DEVICE)
 
-    A context manager, not a fixture: hypothesis reuses function-scoped fixtures across examples.
-    """
-    mod = importlib.import_module("lora_core.kernels.nf4_gemm")
-    saved = mod._alloc
-    mod._alloc = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    try:
-        yield
-    finally:
-        mod._alloc = saved
+
+def poisoned(rows: int, q: NF4Tensor, out_shape: tuple[int, ...], dtype: torch.dtype, grad: bool) -> dict:
+    """``out=`` and ``workspace=`` for a matmul launcher, both NaN-filled."""
+    numel = kernels.nf4_matmul_workspace_numel(rows, q, grad=grad)
+    return {"out": nan_full(out_shape, dtype), "workspace": nan_full(numel)}
 
 
 # ----------------------------------------------------------------------------- dequantize
@@ -149,7 +143,7 @@ def _expected(a: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None, grad: bo
     double_quant=st.booleans(),
     dtype=st.sampled_from(DTYPES),
     with_bias=st.booleans(),
-    layout=st.sampled_from(["2d", "3d", "noncontiguous", "transposed"]),
+    layout=st.sampled_from(["2d", "3d", "noncontiguous", "transposed", "padded"]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_matmul(m, n, k, double_quant, dtype, with_bias, layout, seed) -> None:
@@ -162,10 +156,23 @@ def test_matmul(m, n, k, double_quant, dtype, with_bias, layout, seed) -> None:
         x = noncontiguous(x)
     elif layout == "transposed":
         x = randn(k, m, seed=seed + 1, dtype=dtype).T  # column-major x
-    with poisoned_alloc():
-        y = kernels.nf4_matmul(x, q, bias)
-    assert y.shape == (*x.shape[:-1], n) and y.dtype == dtype
+    elif layout == "padded":  # rows of a wider tensor: a row stride that is not a multiple of 8
+        x = randn(m, k + 4, seed=seed + 1, dtype=dtype)[:, :k]
+    buffers = poisoned(m, q, (*x.shape[:-1], n), dtype, grad=False)
+    y = kernels.nf4_matmul(x, q, bias, **buffers)
+    assert y is buffers["out"] and y.shape == (*x.shape[:-1], n) and y.dtype == dtype
     assert_close(y, _expected(x, q, bias, grad=False))
+
+
+@pytest.mark.parametrize("pad", [4, 8])  # a row stride of K + 4 (not a multiple of 8) and K + 8
+def test_matmul_row_stride_of_x(pad: int) -> None:
+    """x's rows inside a wider tensor: the fused kernel's 16-byte loads of x are only used when the row
+    stride is a multiple of 8 elements; either way the result is the contiguous x's, bit for bit."""
+    q = quantize(randn(24, 256, seed=40), 64, True)
+    wide = randn(3, 256 + pad, seed=41, dtype=torch.float16)
+    x = wide[:, :256]
+    assert torch.equal(kernels.nf4_matmul(x, q), kernels.nf4_matmul(x.contiguous(), q))
+    assert_close(kernels.nf4_matmul(x, q), _expected(x, q, None, grad=False))
 
 
 @given(
@@ -184,9 +191,9 @@ def test_matmul_grad(m, n, k, double_quant, dtype, layout, seed) -> None:
         g = g.reshape(m, 1, n)
     elif layout == "noncontiguous":
         g = noncontiguous(g)
-    with poisoned_alloc():
-        dx = kernels.nf4_matmul_grad(g, q)
-    assert dx.shape == (*g.shape[:-1], k) and dx.dtype == dtype
+    buffers = poisoned(m, q, (*g.shape[:-1], k), dtype, grad=True)
+    dx = kernels.nf4_matmul_grad(g, q, **buffers)
+    assert dx is buffers["out"] and dx.shape == (*g.shape[:-1], k) and dx.dtype == dtype
     assert_close(dx, _expected(g, q, None, grad=True))
 
 
@@ -198,19 +205,65 @@ CONFIGS = [
 ]
 
 
+def _fused_poisoned(a: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None, grad: bool, cfg: dict[str, int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:  # fmt: skip
+    """The fused kernel with a forced configuration, into NaN-filled out and workspace; returns both."""
+    from lora_core.kernels.nf4_gemm import _launch_fused, _plan
+
+    plan = _plan(a.shape[0], q, grad, a.device, cfg)
+    out = nan_full((a.shape[0], q.shape[1] if grad else q.shape[0]), a.dtype)
+    ws = nan_full(plan["WS"])
+    assert _launch_fused(a, q, bias, grad, cfg, out=out, workspace=ws) is out
+    return out, ws, plan
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_fused_split_k_configs(cfg: dict[str, int], double_quant: bool) -> None:
-    from lora_core.kernels.nf4_gemm import _launch_fused
-
     q = quantize(randn(40, 448, seed=3), 64, double_quant)  # 7 blocks per row
     x = randn(5, 448, seed=4, dtype=torch.float16)
     bias = randn(40, seed=5, dtype=torch.float16)
     g = randn(5, 40, seed=6, dtype=torch.float16)
-    with poisoned_alloc():
-        y, dx = _launch_fused(x, q, bias, False, cfg), _launch_fused(g, q, None, True, cfg)
+    y, _, _ = _fused_poisoned(x, q, bias, False, cfg)
+    dx, _, _ = _fused_poisoned(g, q, None, True, cfg)
     assert_close(y, _expected(x, q, bias, grad=False))
     assert_close(dx, _expected(g, q, None, grad=True))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["matmul", "grad"])
+@pytest.mark.parametrize("seed", [31, 32])
+def test_split_k_reduces_in_one_launch_bit_exact(grad: bool, seed: int) -> None:
+    """Split-K sums its partials in the same launch (the last program of a tile to arrive adds them up).
+    The result must be, bit for bit, what the former second kernel computed from the same partials —
+    ``0 + ws[0] + ws[1] + … (+ bias)`` in float32, then one rounding — every partial must be the product
+    over its slice, and a repeated call (the tile counters reset) must give identical bits."""
+    from lora_core.kernels.splitk import tile_counters
+
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT": 3}  # K: 192 + 192 + 64, N: 16 + 16 + 8
+    n, k, m = 40, 448, 5
+    q = quantize(randn(n, k, seed=seed), 64, True)
+    a = randn(m, n if grad else k, seed=seed + 1, dtype=torch.float16)
+    bias = None if grad else randn(n, seed=seed + 2, dtype=torch.float16)
+    out, ws, plan = _fused_poisoned(a, q, bias, grad, cfg)
+    split, per, n_out = plan["SPLIT"], plan["PER_SPLIT"], k if grad else n
+    assert split == 3 and plan["TILES"] > 1
+    partials = ws.view(split, m, n_out)
+    # the former reduce kernel: acc = 0; acc += ws[s] in split order; acc += bias; cast (all float32)
+    acc = torch.zeros(m, n_out, dtype=torch.float32, device=DEVICE)
+    for s in range(split):
+        acc = acc + partials[s]
+    if bias is not None:
+        acc = acc + bias.float()
+    assert torch.equal(out, acc.to(out.dtype))
+    w = dequantize_ref(q, a.dtype).double()
+    for s in range(split):  # each partial is the product over its own slice of the reduction
+        lo, hi = s * per, min((s + 1) * per, n if grad else k)
+        want = a[:, lo:hi].double() @ (w[lo:hi] if grad else w[:, lo:hi].T)
+        assert_close(partials[s], want, dtype=torch.float16)
+    assert_close(out, _expected(a, q, bias, grad))
+    assert int(tile_counters(DEVICE, plan["TILES"])[: plan["TILES"]].abs().sum()) == 0  # reset
+    again, _, _ = _fused_poisoned(a, q, bias, grad, cfg)
+    assert torch.equal(again, out)
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 128])
@@ -218,8 +271,8 @@ def test_fused_split_k_configs(cfg: dict[str, int], double_quant: bool) -> None:
 def test_fused_block_sizes_and_ragged_k(block_size: int, k: int) -> None:
     q = nf4.quantize_nf4(randn(24, k, seed=20), block_size, double_quant=True)  # bnb has no 16-blocks
     x, g = randn(3, k, seed=21, dtype=torch.float16), randn(3, 24, seed=22, dtype=torch.float16)
-    with poisoned_alloc():
-        y, dx = kernels.nf4_matmul(x, q), kernels.nf4_matmul_grad(g, q)
+    y = kernels.nf4_matmul(x, q, **poisoned(3, q, (3, 24), torch.float16, grad=False))
+    dx = kernels.nf4_matmul_grad(g, q, **poisoned(3, q, (3, k), torch.float16, grad=True))
     assert_close(y, _expected(x, q, None, grad=False))
     assert_close(dx, _expected(g, q, None, grad=True))
 
@@ -316,6 +369,24 @@ def test_bad_inputs_raise_clear_errors() -> None:
         kernels.nf4_dequantize(q, torch.float32, out=torch.empty(8, 63, device=DEVICE))
     with pytest.raises(ValueError, match="out must be contiguous"):
         kernels.nf4_dequantize(q, torch.float32, out=torch.empty(64, 8, device=DEVICE).T)
+    for launcher, arg in ((kernels.nf4_matmul, x), (kernels.nf4_matmul_grad, randn(2, 8, seed=0))):
+        width = 8 if launcher is kernels.nf4_matmul else 64
+        with pytest.raises(TypeError, match="out must be a torch"):
+            launcher(arg, q, out=[0.0])
+        for bad in (nan_full((2, width + 1)), nan_full((2, width), torch.float16), nan_full((width, 2)).T):
+            with pytest.raises(ValueError, match="out must be contiguous, shape"):
+                launcher(arg, q, out=bad)
+    one, wide = randn(1, 2048, seed=0, dtype=torch.float16), quantize(randn(64, 2048, seed=0), 64)
+    needed = kernels.nf4_matmul_workspace_numel(1, wide)
+    assert needed > 0  # K = 2048 is reduced in slices: a split-K launch
+    with pytest.raises(ValueError, match=f"workspace must have at least {needed} elements"):
+        kernels.nf4_matmul(one, wide, workspace=nan_full(needed - 1))
+    with pytest.raises(ValueError, match="workspace must be a contiguous float32"):
+        kernels.nf4_matmul(one, wide, workspace=nan_full(needed, torch.float16))
+    with pytest.raises(TypeError, match="workspace must be a torch"):
+        kernels.nf4_matmul(one, wide, workspace="big")
+    with pytest.raises(ValueError, match="rows must be an int"):
+        kernels.nf4_matmul_workspace_numel(-1, q)
     broken = NF4Tensor(**{**q.__dict__, "absmax": q.absmax[:-1]})
     with pytest.raises(ValueError, match="absmax must be"):
         kernels.nf4_dequantize(broken)
@@ -366,7 +437,7 @@ def test_gpu_matmul_bf16_large(m: int) -> None:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    with poisoned_alloc():
-        y, dx = kernels.nf4_matmul(x, q, bias), kernels.nf4_matmul_grad(g, q)
+    y = kernels.nf4_matmul(x, q, bias, **poisoned(m, q, (m, n), torch.bfloat16, grad=False))
+    dx = kernels.nf4_matmul_grad(g, q, **poisoned(m, q, (m, k), torch.bfloat16, grad=True))
     assert_close(y, _expected(x, q, bias, grad=False))
     assert_close(dx, _expected(g, q, None, grad=True))
