@@ -52,6 +52,7 @@ from lora_core.atomic import atomic_write, atomic_write_text
 from lora_core.lora.optim import loraplus_optimizer, loraplus_param_groups
 from lora_core.training.config import TrainConfig
 from lora_core.training.data import IGNORE_INDEX, collate
+from lora_core.training.fsdp import average_gradients, is_sharded, shard_model
 from lora_core.training.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
 from lora_core.training.state import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
@@ -113,7 +114,7 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Ten
 
 def _chunked_loss_applies(model: nn.Module, cfg: TrainConfig) -> bool:
     """Whether ``losses.chunked_causal_lm_loss`` computes exactly this model's causal-LM loss."""
-    if not cfg.chunked_loss or cfg.task != "CAUSAL_LM":
+    if not cfg.chunked_loss or cfg.task != "CAUSAL_LM" or is_sharded(model):  # FSDP: see training.fsdp
         return False
     transformers = sys.modules.get("transformers")  # a transformers model means transformers is imported
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -288,6 +289,9 @@ def train(
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sharded = cfg.fsdp and world > 1  # one process: nothing to shard
+    if sharded:
+        shard_model(model, cpu_offload=cfg.cpu_offload)  # the frozen base; adapters stay whole
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = loraplus_optimizer(
         model, lr=cfg.lr, ratio=cfg.loraplus_lr_ratio if cfg.loraplus_lr_ratio is not None else 1.0,
@@ -308,7 +312,7 @@ def train(
         )
     last_good = start if start > 0 else None
     loss_of: nn.Module = _LossSum(model, cfg)
-    if world > 1:
+    if world > 1 and not sharded:
         loss_of = nn.parallel.DistributedDataParallel(loss_of)
     metrics_path = out_dir / "metrics.jsonl" if writer else None
     if metrics_path is not None:  # drop lines from beyond the checkpoint (a killed run logged them)
@@ -329,7 +333,7 @@ def train(
         for m in range(cfg.grad_accum):
             lo = (m * world + rank) * cfg.batch_size
             batch = {k: v[lo : lo + cfg.batch_size].to(device) for k, v in gb.items()}
-            sync = m == cfg.grad_accum - 1 or world == 1
+            sync = m == cfg.grad_accum - 1 or world == 1 or sharded  # DDP's no_sync; FSDP: see below
             ctx = loss_of.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with _autocast(device, cfg):
@@ -337,6 +341,8 @@ def train(
                 (loss * world).backward()  # DDP averages over ranks; × world makes that a sum
             step_loss += loss.detach().double()
             train_tokens += batch["input_ids"].numel() * world
+        if sharded:  # the adapters are replicated under FSDP: average their gradients as DDP would
+            average_gradients(params)
         if world > 1:
             dist.all_reduce(step_loss)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
