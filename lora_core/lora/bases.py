@@ -12,6 +12,8 @@ and unloading need from ``W₀`` is one of these:
     set_dense_weight(w)      W₀ ← w (out, in); returns the error of storing it (None: exact)
     plain_module(w, bias)    the original module class again, holding w (merge) or W₀ as stored
     weight                   W₀ as stored: what ``layer.weight`` shows (Parameter or NF4Tensor)
+    storage() / rebind(ts)   the tensors holding W₀ by name, and using others in their place (FSDP's
+                             gathered copies: ``lora_core.training.fsdp``)
 
 `DenseBase` keeps the base's own ``weight`` Parameter (the layer registers that very object, so the
 state-dict key ``<path>.weight`` and every reference to it survive). `NF4Base` keeps an `NF4Tensor`: no
