@@ -182,3 +182,12 @@ def test_cpu_offload_without_fsdp_is_one_line_and_exit_2(capsys: pytest.CaptureF
     assert main(["finetune", "--model", "tiny", "--cpu-offload"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lora-core: error:") and err.count("\n") == 1 and "--fsdp" in err, err
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_units_are_the_decoder_blocks_and_the_holders_outside_them(quantize: str) -> None:
+    from lora_core.training.fsdp import fsdp_units
+
+    cfg = lc.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "lm_head"], quantize=quantize)
+    model = lc.apply_lora(lc.TinyCausalLM(seed=0), cfg)
+    assert fsdp_units(model) == [*model.model.layers, model.lm_head]  # the adapted head: a unit of its own

@@ -66,9 +66,11 @@ def run(args: argparse.Namespace, out: Path, variant: str | None) -> None:
     torch.manual_seed(0)
     model = lc.TinyCausalLM(lc.TinyConfig(dropout=args.dropout), seed=0)
     base, _, adapter = (variant or "dense-lora").partition("-")
+    # a variant adapts the head too: a frozen-base holder outside the decoder blocks (its own FSDP unit)
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
     lora = lc.LoraConfig(
-        r=4, alpha=8, dropout=args.dropout, target_modules="all-linear", use_dora=adapter == "dora",
-        quantize="nf4" if base == "nf4" else "none",
+        r=4, alpha=8, dropout=args.dropout, target_modules="all-linear" if variant is None else linear,
+        use_dora=adapter == "dora", quantize="nf4" if base == "nf4" else "none",
     )  # fmt: skip
     model = lc.apply_lora(model, lora)
     bytes_before = frozen_bytes(model)

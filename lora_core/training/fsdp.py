@@ -10,9 +10,12 @@ and torchtune's QLoRA do::
     adapters          whole on every rank; their gradients are averaged over ranks once per step (as DDP)
     optimizer state   follows the adapters: whole on every rank, saved by rank 0 in ``checkpoint.pt``
 
-**Units.** Every module that holds a frozen base (`LoRALinear`, `NF4Linear`; ``lora_core.lora.bases``) is an
-FSDP unit of its own, so one layer's weight is whole only while that layer computes. The model itself is
-the root unit: it shards what is left (embeddings, norms, an un-adapted head) and gathers it for the step.
+**Units** (`fsdp_units`). Each block of the model's layer stack (an element of an ``nn.ModuleList`` that
+holds frozen bases: a transformer's decoder layers) is one FSDP unit, gathered whole while it computes, as
+torchtune and Answer.AI wrap decoder layers: one collective per block rather than one per linear layer. A
+module holding a frozen base (`LoRALinear`, `NF4Linear`; ``lora_core.lora.bases``) outside such a block is
+a unit of its own. The model itself is the root unit: it shards what is left (embeddings, norms, an
+un-adapted head) and gathers it for the step.
 
 **Why the adapters are replicated.** They are ~0.1–1% of the parameters (r = 16 on a 70B model: ≈0.4 GB in
 fp32 with AdamW's moments ×3). Replicated, they cost one all-reduce per step and no per-layer collective,
@@ -58,6 +61,19 @@ def is_sharded(model: nn.Module) -> bool:
 def frozen_base_holders(model: nn.Module) -> list[HoldsFrozenBase]:
     """The modules of ``model`` that hold a frozen base (LoRA layers, frozen NF4 layers)."""
     return [m for m in model.modules() if isinstance(m, HoldsFrozenBase)]
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules `shard_model` makes FSDP units (the root aside): the outermost blocks of ``nn.ModuleList``
+    layer stacks that hold a frozen base, then every frozen-base holder outside them."""
+    holders = frozen_base_holders(model)
+    holder_ids = {id(h) for h in holders}
+    blocks = [b for stack in model.modules() if isinstance(stack, nn.ModuleList) for b in stack]
+    blocks = [b for b in blocks if any(id(m) in holder_ids for m in b.modules())]
+    inner = {id(m) for b in blocks for m in b.modules() if m is not b}  # inside another block
+    blocks = [b for b in blocks if id(b) not in inner]
+    covered = {id(m) for b in blocks for m in b.modules()}
+    return blocks + [h for h in holders if id(h) not in covered]
 
 
 def _register_storage(module: HoldsFrozenBase) -> dict[str, str]:
@@ -108,14 +124,15 @@ def shard_model(model: nn.Module, *, cpu_offload: bool = False) -> nn.Module:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     trainable = {p for p in model.parameters() if p.requires_grad}
-    for module in frozen_base_holders(model):
-        names = _register_storage(module)
-        own = {p for p in module.parameters() if p in trainable}
-        fully_shard(module, mesh=mesh, offload_policy=offload, ignored_params=own)
-        hook = _rebinder(names)
-        hook(module, ())  # drop the base's references to the whole tensors: only the shards stay
-        module.register_forward_pre_hook(hook)
+    holders = {h: _register_storage(h) for h in frozen_base_holders(model)}  # before FSDP sees the params
+    for unit in fsdp_units(model):
+        own = {p for p in unit.parameters() if p in trainable}
+        fully_shard(unit, mesh=mesh, offload_policy=offload, ignored_params=own)
     fully_shard(model, mesh=mesh, offload_policy=offload, ignored_params=trainable)
+    for holder, names in holders.items():  # FSDP's hooks on a unit run before the holder's own forward
+        hook = _rebinder(names)
+        hook(holder, ())  # drop the base's references to the whole tensors: only the shards stay
+        holder.register_forward_pre_hook(hook)
     return model
 
 
@@ -152,4 +169,11 @@ def frozen_bytes(model: nn.Module) -> int:
     return sum(sizes.values())
 
 
-__all__ = ["average_gradients", "frozen_base_holders", "frozen_bytes", "is_sharded", "shard_model"]
+__all__ = [
+    "average_gradients",
+    "frozen_base_holders",
+    "frozen_bytes",
+    "fsdp_units",
+    "is_sharded",
+    "shard_model",
+]
