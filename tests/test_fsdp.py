@@ -185,9 +185,20 @@ def test_cpu_offload_without_fsdp_is_one_line_and_exit_2(capsys: pytest.CaptureF
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_units_are_the_decoder_blocks_and_the_holders_outside_them(quantize: str) -> None:
+def test_units_are_the_decoder_blocks_embeddings_and_head(quantize: str) -> None:
     from lora_core.training.fsdp import fsdp_units
 
     cfg = lc.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "lm_head"], quantize=quantize)
     model = lc.apply_lora(lc.TinyCausalLM(seed=0), cfg)
-    assert fsdp_units(model) == [*model.model.layers, model.lm_head]  # the adapted head: a unit of its own
+    # the blocks, then the embeddings and the (adapted) head, each a unit of its own; the final norm: root
+    expected = [*model.model.layers, model.model.embed_tokens, model.model.embed_positions, model.lm_head]
+    assert sorted(map(id, fsdp_units(model))) == sorted(map(id, expected))
+
+
+def test_tied_embeddings_stay_in_the_root_unit() -> None:
+    from lora_core.training.fsdp import fsdp_units
+
+    model = lc.apply_lora(lc.TinyCausalLM(seed=0), lc.LoraConfig(r=2, alpha=4, target_modules=["q_proj"]))
+    model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter, two modules: one unit holds it
+    expected = [*model.model.layers, model.model.embed_positions]
+    assert sorted(map(id, fsdp_units(model))) == sorted(map(id, expected))

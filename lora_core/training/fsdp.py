@@ -12,10 +12,10 @@ and torchtune's QLoRA do::
 
 **Units** (`fsdp_units`). Each block of the model's layer stack (an element of an ``nn.ModuleList`` that
 holds frozen bases: a transformer's decoder layers) is one FSDP unit, gathered whole while it computes, as
-torchtune and Answer.AI wrap decoder layers: one collective per block rather than one per linear layer. A
-module holding a frozen base (`LoRALinear`, `NF4Linear`; ``lora_core.lora.bases``) outside such a block is
-a unit of its own. The model itself is the root unit: it shards what is left (embeddings, norms, an
-un-adapted head) and gathers it for the step.
+torchtune and Answer.AI wrap decoder layers: one collective per block rather than one per linear layer.
+Outside the blocks, a module holding a frozen base (`LoRALinear`, `NF4Linear`; ``lora_core.lora.bases``),
+an embedding or a linear head is a unit of its own. The model itself is the root unit: it shards what is
+left (final norm, tied embeddings) and keeps it gathered for the step.
 
 **Why the adapters are replicated.** They are ~0.1–1% of the parameters (r = 16 on a 70B model: ≈0.4 GB in
 fp32 with AdamW's moments ×3). Replicated, they cost one all-reduce per step and no per-layer collective,
@@ -37,6 +37,7 @@ the head directly, past the root unit's hooks that gather the head.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -64,16 +65,31 @@ def frozen_base_holders(model: nn.Module) -> list[HoldsFrozenBase]:
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules `shard_model` makes FSDP units (the root aside): the outermost blocks of ``nn.ModuleList``
-    layer stacks that hold a frozen base, then every frozen-base holder outside them."""
+    """The modules `shard_model` makes FSDP units (the root aside), none inside another: the outermost
+    blocks of ``nn.ModuleList`` layer stacks that hold a frozen base, then, outside them, every frozen-base
+    holder, ``nn.Embedding`` and ``nn.Linear`` (the embeddings and the head: as units they are gathered only
+    while they compute, not for the whole step) unless it shares a Parameter with another module (tied
+    embeddings stay together in the root)."""
     holders = frozen_base_holders(model)
     holder_ids = {id(h) for h in holders}
     blocks = [b for stack in model.modules() if isinstance(stack, nn.ModuleList) for b in stack]
     blocks = [b for b in blocks if any(id(m) in holder_ids for m in b.modules())]
     inner = {id(m) for b in blocks for m in b.modules() if m is not b}  # inside another block
-    blocks = [b for b in blocks if id(b) not in inner]
-    covered = {id(m) for b in blocks for m in b.modules()}
-    return blocks + [h for h in holders if id(h) not in covered]
+    units = [b for b in blocks if id(b) not in inner]
+    covered = {id(m) for b in units for m in b.modules()}
+    owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+    for m in model.modules():
+        if (
+            m is model
+            or id(m) in covered
+            or not (id(m) in holder_ids or isinstance(m, (nn.Embedding, nn.Linear)))
+        ):
+            continue
+        if any(owners[id(p)] > 1 for p in m.parameters(recurse=False)):  # tied: one unit must hold both
+            continue
+        units.append(m)
+        covered |= {id(sub) for sub in m.modules()}
+    return units
 
 
 def _register_storage(module: HoldsFrozenBase) -> dict[str, str]:
