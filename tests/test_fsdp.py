@@ -70,6 +70,10 @@ def test_two_sharded_ranks_equal_one_process_and_each_holds_half_the_base(tmp_pa
         assert len(losses[0]) == 3 and torch.equal(losses[0], losses[1])
         assert_close(losses[0], torch.tensor(report(one, 0)["losses"]))
 
+        keys = report(fsdp, 0)["state_dict_keys"]  # NF4: the shards, not entries built from freed tensors
+        packed = [k for k in keys if k.endswith("q_proj.fsdp_base_packed")]
+        assert len(packed) == (2 if variant.startswith("nf4") else 0), keys
+        assert not [k for k in keys if k.endswith("q_proj.weight.absmax")], keys
         whole = report(one, 0)["frozen_bytes_after"]  # the single process: every frozen byte, unsharded
         assert report(one, 0)["frozen_bytes_before"] == whole
         held = [report(fsdp, r)["frozen_bytes_after"] for r in (0, 1)]

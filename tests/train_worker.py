@@ -104,6 +104,7 @@ def run(args: argparse.Namespace, out: Path, variant: str | None) -> None:
     report = {
         "frozen_bytes_before": bytes_before,
         "frozen_bytes_after": frozen_bytes(model),
+        "state_dict_keys": sorted(model.state_dict()),
         "losses": losses,
     }
     (out / f"report-rank{rank}.json").write_text(json.dumps(report))

@@ -114,6 +114,13 @@ def _rebinder(names: dict[str, str]) -> Callable[[nn.Module, Any], None]:
     return rebind
 
 
+def _drop_unsharded_entries(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
+    """State-dict post-hook of an NF4 holder: its ``weight*`` entries (bitsandbytes' keys, built from the
+    base's last gathered tensors, whose storage FSDP has freed) go; its ``fsdp_base_*`` shards stay."""
+    for key in [k for k in state if k == prefix + "weight" or k.startswith(prefix + "weight.")]:
+        del state[key]
+
+
 def shard_model(model: nn.Module, *, cpu_offload: bool = False) -> nn.Module:
     """Shard ``model``'s frozen tensors over the ranks of the default process group (FSDP2), in place.
 
@@ -151,6 +158,8 @@ def shard_model(model: nn.Module, *, cpu_offload: bool = False) -> nn.Module:
         hook = _rebinder(names)
         hook(holder, ())  # drop the base's references to the whole tensors: only the shards stay
         holder.register_forward_pre_hook(hook)
+        if "weight" not in names.values():  # an NF4 base: its state dict entries are the shards
+            holder.register_state_dict_post_hook(_drop_unsharded_entries)
     return model
 
 
