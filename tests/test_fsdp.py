@@ -69,6 +69,8 @@ def test_two_sharded_ranks_equal_one_process_and_each_holds_half_the_base(tmp_pa
         losses = [torch.tensor(report(fsdp, r)["losses"]) for r in (0, 1)]
         assert len(losses[0]) == 3 and torch.equal(losses[0], losses[1])
         assert_close(losses[0], torch.tensor(report(one, 0)["losses"]))
+        evals = [torch.tensor(report(folder, 0)["eval_loss"]) for folder in (fsdp, one)]
+        assert_close(*evals)  # lc.evaluate after training, 5 examples: 3 on one rank, 2 on the other
 
         keys = report(fsdp, 0)["state_dict_keys"]  # NF4: the shards, not entries built from freed tensors
         packed = [k for k in keys if k.endswith("q_proj.fsdp_base_packed")]

@@ -238,11 +238,14 @@ def evaluate(model: nn.Module, data: Dataset, config: TrainConfig | None = None)
     loss_of = _LossSum(model, cfg)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, count)
     idx = list(range(rank, len(data), world))
-    for i in range(0, len(idx), bs):
-        batch = {k: v.to(device) for k, v in collate([data[j] for j in idx[i : i + bs]]).items()}
+    for i in range(0, math.ceil(len(data) / world), bs):  # as many batches on every rank: FSDP's forwards
+        part = idx[i : i + bs]  # gather together, so a rank out of data runs a batch that counts nothing
+        batch = {k: v.to(device) for k, v in collate([data[j] for j in part or [0]]).items()}
         with _autocast(device, cfg):
-            total[0] += loss_of(batch).double()
-        total[1] += _n_targets(batch["labels"], cfg.task)
+            loss = loss_of(batch).double()
+        if part:
+            total[0] += loss
+            total[1] += _n_targets(batch["labels"], cfg.task)
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
