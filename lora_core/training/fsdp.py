@@ -33,7 +33,7 @@ saved for backward (the packed `NF4Tensor`, the dense weight) is whole again whe
 for its backward. FSDP2 gathers tensors of mixed dtypes (uint8 codes, float32 scales) as bytes.
 
 Under FSDP the causal-LM loss goes through ``model(...).logits``: the chunked loss calls the decoder and
-the head directly, past the root unit's hooks that gather the head.
+reads the head's weight itself, past the hooks in which FSDP gathers them.
 """
 
 from __future__ import annotations
