@@ -284,3 +284,4 @@ def _bench(argv: list[str]) -> int:
             raise
         raise CliError(f"the {suite} benchmark ({module_name}) is not part of this install") from None
     return int(bench.main(argv[1:] if argv[:1] == [suite] else argv) or 0)
+

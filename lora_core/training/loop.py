@@ -12,8 +12,9 @@ returns logits — a tensor, a dict with ``"logits"``, or an object with ``.logi
     loss    = Σ_tokens CE / n_target_tokens(global)        (every rank knows the global count)
 
 Because the loss is normalized by the token count of the *whole* global batch, the gradient is the same
-whether the batch is split over micro-batches, ranks, or neither: 2 DDP processes equal 1 process with the
-same global batch, and grad accumulation equals a bigger batch (up to float summation order).
+whether the batch is split over micro-batches, ranks, or neither: 2 DDP processes (or 2 with the frozen base
+sharded, ``fsdp=True``: ``lora_core.training.fsdp``) equal 1 process with the same global batch, and grad
+accumulation equals a bigger batch (up to float summation order).
 
 **Checkpoints** (``checkpoint.pt``, every ``checkpoint_every`` steps; ``lora_core.training.state``) hold the
 trainable weights, optimizer, scheduler, step and RNG states; they are written atomically (temp file, fsync,
