@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     ft.add_argument(
+        "--fsdp", action="store_true", help="under torchrun: shard the frozen base over the processes (FSDP2)"
+    )
+    ft.add_argument(
+        "--cpu-offload", action="store_true", help="with --fsdp: keep the base's shards in CPU memory"
+    )
+    ft.add_argument(
         "--sample-tokens", type=int, default=None, help="tokens generated before/after (>= 0; 0: none)"
     )
     ft.add_argument("--prompt", default=None, help="before/after samples' prompt (default: the data's start)")

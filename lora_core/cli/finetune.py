@@ -123,6 +123,8 @@ def finetune(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.warmup is not None and args.warmup < 0:
         raise CliError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.cpu_offload and not args.fsdp:
+        raise CliError("--cpu-offload offloads the shards of --fsdp: pass --fsdp too")
     if args.sample_tokens is not None and args.sample_tokens < 0:
         raise CliError(f"--sample-tokens must be >= 0 (0: no sample), got {args.sample_tokens}")
     device = pick_device(args.device)
@@ -193,6 +195,8 @@ def finetune(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every or max(1, steps // 4),
         gradient_checkpointing=args.gradient_checkpointing,
+        fsdp=args.fsdp,
+        cpu_offload=args.cpu_offload,
         seed=args.seed,
         resume=args.resume,
         progress=not args.no_progress,

@@ -12,6 +12,8 @@ and unloading need from ``W₀`` is one of these:
     set_dense_weight(w)      W₀ ← w (out, in); returns the error of storing it (None: exact)
     plain_module(w, bias)    the original module class again, holding w (merge) or W₀ as stored
     weight                   W₀ as stored: what ``layer.weight`` shows (Parameter or NF4Tensor)
+    storage() / rebind(ts)   the tensors holding W₀ by name, and using others in their place (FSDP's
+                             gathered copies: ``lora_core.training.fsdp``)
 
 `DenseBase` keeps the base's own ``weight`` Parameter (the layer registers that very object, so the
 state-dict key ``<path>.weight`` and every reference to it survive). `NF4Base` keeps an `NF4Tensor`: no
@@ -195,6 +197,15 @@ class DenseBase:
     def apply(self, fn: Callable[[Tensor], Tensor]) -> DenseBase:
         return self
 
+    # sharding (lora_core.training.fsdp): the tensors an engine splits, and taking them back
+    def storage(self) -> dict[str, Tensor]:
+        """The tensors holding ``W₀``, by name: the dense ``weight`` Parameter (the layer's own)."""
+        return {"weight": self.weight}
+
+    def rebind(self, tensors: dict[str, Tensor]) -> None:
+        """Use ``tensors`` (`storage`'s names) from now on: e.g. FSDP's gathered copy of the weight."""
+        self.weight = tensors["weight"]
+
 
 class NF4Base:
     """A frozen NF4 weight (`NF4Tensor`, (out, in)); ``requantization_error`` is max |w − dequant(q)| of
@@ -346,6 +357,20 @@ class NF4Base:
         if device != self.q.device:
             self.q = self.q.to(device)
         return self
+
+    # sharding (lora_core.training.fsdp): only what grows with the weight is split; the two code tables
+    # (16 + 256 float32) and the 0-dim offset stay whole on every rank
+    SHARDED_FIELDS = ("packed", "absmax", "nested_absmax")
+
+    def storage(self) -> dict[str, Tensor]:
+        """The tensors that grow with ``W₀``, by `NF4Tensor` field: packed codes (uint8), block scales
+        (float32, or uint8 codes with double quantization) and the nested scales (float32), all 1-D."""
+        return {k: v for k, v in self.q.tensors().items() if k in self.SHARDED_FIELDS}
+
+    def rebind(self, tensors: dict[str, Tensor]) -> None:
+        """Use ``tensors`` (`storage`'s fields) from now on: e.g. FSDP's gathered copy of the packed bytes
+        (the same bytes, gathered whole: never a dequantized copy)."""
+        self.q = replace(self.q, **tensors)
 
 
 class HoldsFrozenBase(nn.Module):

@@ -92,6 +92,9 @@ class TrainConfig:
         mixed_precision: ``"bf16"`` autocast, ``"no"``, or ``"auto"`` (bf16 on a CUDA device that has it).
         gradient_checkpointing: recompute activations in backward (the model must offer
             ``gradient_checkpointing_enable``, as transformers models and the tiny model do).
+        fsdp: under ``torchrun``, shard the frozen base over the processes (FSDP2) instead of giving each
+            a whole copy (DDP); adapters stay whole (``lora_core.training.fsdp``). One process: no effect.
+        cpu_offload: with ``fsdp``, keep the base's shards in CPU memory between uses.
         loraplus_lr_ratio: LoRA+ — parameters named ``lora_B`` get ``lr × ratio`` (the paper suggests 16).
         lr_groups: per-layer learning rates, ``{regex: multiplier}`` matched with ``re.search`` against
             parameter names, first match wins (e.g. ``{r"layers\\.(0|1)\\.": 0.1}``).
@@ -123,6 +126,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    cpu_offload: bool = False
     loraplus_lr_ratio: float | None = None
     lr_groups: dict[str, float] = field(default_factory=dict)
     chunked_loss: bool = True
@@ -150,9 +155,11 @@ class TrainConfig:
         _int("warmup_steps", self.warmup_steps, low=0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"TrainConfig.seed must be an int, got {self.seed!r}")
-        for name in ("gradient_checkpointing", "chunked_loss", "resume", "progress"):
+        for name in ("gradient_checkpointing", "fsdp", "cpu_offload", "chunked_loss", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cpu_offload and not self.fsdp:
+            raise ValueError("TrainConfig.cpu_offload=True offloads FSDP's shards: it needs fsdp=True")
         _real("lr", self.lr, low=0.0, low_ok=False)
         _real("weight_decay", self.weight_decay, low=0.0, low_ok=True)
         _real("adam_eps", self.adam_eps, low=0.0, low_ok=False)

@@ -12,8 +12,9 @@ returns logits — a tensor, a dict with ``"logits"``, or an object with ``.logi
     loss    = Σ_tokens CE / n_target_tokens(global)        (every rank knows the global count)
 
 Because the loss is normalized by the token count of the *whole* global batch, the gradient is the same
-whether the batch is split over micro-batches, ranks, or neither: 2 DDP processes equal 1 process with the
-same global batch, and grad accumulation equals a bigger batch (up to float summation order).
+whether the batch is split over micro-batches, ranks, or neither: 2 DDP processes (or 2 with the frozen base
+sharded, ``fsdp=True``: ``lora_core.training.fsdp``) equal 1 process with the same global batch, and grad
+accumulation equals a bigger batch (up to float summation order).
 
 **Checkpoints** (``checkpoint.pt``, every ``checkpoint_every`` steps; ``lora_core.training.state``) hold the
 trainable weights, optimizer, scheduler, step and RNG states; they are written atomically (temp file, fsync,
@@ -52,6 +53,7 @@ from lora_core.atomic import atomic_write, atomic_write_text
 from lora_core.lora.optim import loraplus_optimizer, loraplus_param_groups
 from lora_core.training.config import TrainConfig
 from lora_core.training.data import IGNORE_INDEX, collate
+from lora_core.training.fsdp import average_gradients, is_sharded, shard_model
 from lora_core.training.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
 from lora_core.training.state import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
@@ -113,7 +115,7 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Ten
 
 def _chunked_loss_applies(model: nn.Module, cfg: TrainConfig) -> bool:
     """Whether ``losses.chunked_causal_lm_loss`` computes exactly this model's causal-LM loss."""
-    if not cfg.chunked_loss or cfg.task != "CAUSAL_LM":
+    if not cfg.chunked_loss or cfg.task != "CAUSAL_LM" or is_sharded(model):  # FSDP: see training.fsdp
         return False
     transformers = sys.modules.get("transformers")  # a transformers model means transformers is imported
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -237,11 +239,14 @@ def evaluate(model: nn.Module, data: Dataset, config: TrainConfig | None = None)
     loss_of = _LossSum(model, cfg)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, count)
     idx = list(range(rank, len(data), world))
-    for i in range(0, len(idx), bs):
-        batch = {k: v.to(device) for k, v in collate([data[j] for j in idx[i : i + bs]]).items()}
+    for i in range(0, math.ceil(len(data) / world), bs):  # as many batches on every rank: FSDP's forwards
+        part = idx[i : i + bs]  # gather together, so a rank out of data runs a batch that counts nothing
+        batch = {k: v.to(device) for k, v in collate([data[j] for j in part or [0]]).items()}
         with _autocast(device, cfg):
-            total[0] += loss_of(batch).double()
-        total[1] += _n_targets(batch["labels"], cfg.task)
+            loss = loss_of(batch).double()
+        if part:
+            total[0] += loss
+            total[1] += _n_targets(batch["labels"], cfg.task)
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
@@ -288,6 +293,9 @@ def train(
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sharded = cfg.fsdp and world > 1  # one process: nothing to shard
+    if sharded:
+        shard_model(model, cpu_offload=cfg.cpu_offload)  # the frozen base; adapters stay whole
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = loraplus_optimizer(
         model, lr=cfg.lr, ratio=cfg.loraplus_lr_ratio if cfg.loraplus_lr_ratio is not None else 1.0,
@@ -308,7 +316,7 @@ def train(
         )
     last_good = start if start > 0 else None
     loss_of: nn.Module = _LossSum(model, cfg)
-    if world > 1:
+    if world > 1 and not sharded:
         loss_of = nn.parallel.DistributedDataParallel(loss_of)
     metrics_path = out_dir / "metrics.jsonl" if writer else None
     if metrics_path is not None:  # drop lines from beyond the checkpoint (a killed run logged them)
@@ -329,7 +337,7 @@ def train(
         for m in range(cfg.grad_accum):
             lo = (m * world + rank) * cfg.batch_size
             batch = {k: v[lo : lo + cfg.batch_size].to(device) for k, v in gb.items()}
-            sync = m == cfg.grad_accum - 1 or world == 1
+            sync = m == cfg.grad_accum - 1 or world == 1 or sharded  # DDP's no_sync; FSDP: see below
             ctx = loss_of.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with _autocast(device, cfg):
@@ -337,6 +345,8 @@ def train(
                 (loss * world).backward()  # DDP averages over ranks; × world makes that a sum
             step_loss += loss.detach().double()
             train_tokens += batch["input_ids"].numel() * world
+        if sharded:  # the adapters are replicated under FSDP: average their gradients as DDP would
+            average_gradients(params)
         if world > 1:
             dist.all_reduce(step_loss)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")

@@ -15,20 +15,22 @@ head dim, ``a = nh·d``, ``kv = nkv·d``, ``V`` vocabulary, ``r`` rank, ``N = ba
   them). FSDP: ``1/W`` of it per rank.
 - **adapters**: ``r·(in + out)`` fp32 parameters per targeted linear layer and block; **gradients** the
   same again; **optimizer**: AdamW's two fp32 moments plus its 4-byte ``step`` per parameter tensor.
-  FSDP shards all three (``1/W``); DDP keeps whole copies and adds its gradient buckets (one more copy).
+  All three are whole on every rank, under DDP and under lora_core's FSDP alike (`lora_core.training.fsdp`
+  shards only the frozen base); with more than one rank the gradient all-reduce adds one more gradient copy
+  (DDP's buckets; FSDP's flattened all-reduce).
 - **activations**: what autograd saves for backward (counted tensor by tensor for transformers'
   ``LlamaDecoderLayer`` with SDPA attention and lora_core's fused LoRA layers, `saved_activation_bytes`:
   equal to the bytes saved on CPU, fp32 and bf16) plus the largest transient on top of it
   (`transient_activation_bytes`). The peak live bytes of a real forward + backward of a tiny model lie
   between 0.5× and 1.2× this sum (tests/test_planner.py measured 0.76–0.90).
-- **gathered** (FSDP only): the unsharded copies FSDP2 all-gathers — the root module's own parameters
-  (embedding, head, final norm: gathered for the whole step) and two blocks (the current one and the
-  prefetched next one), each with its adapters and their unsharded gradients.
+- **gathered** (FSDP only): the unsharded frozen weights FSDP2 all-gathers — the embedding, head and final
+  norm (counted as if gathered for the whole step: an upper bound, each is gathered while it runs) and two
+  blocks (the current one and the prefetched next one).
 - **overhead**: an explicit allowance, not a measurement: ``OVERHEAD_FIXED_BYTES`` (CUDA context, cuBLAS
   and NCCL workspaces) plus ``OVERHEAD_FRACTION`` of everything else (the caching allocator's
   fragmentation).
 
-With CPU offload (FSDP) the shards of weights, adapters, gradients and optimizer state live in CPU memory.
+With CPU offload (FSDP) the shards of the frozen base live in CPU memory.
 """
 
 from __future__ import annotations
@@ -312,10 +314,11 @@ def plan_memory(
         quantize: ``"nf4"`` (QLoRA) or ``"none"`` (base in ``dtype``); dtype: ``"bf16"``, ``"fp16"``,
             ``"fp32"`` (the compute dtype of the dense weights and activations).
         grad_ckpt: gradient checkpointing per block.
-        strategy: ``"ddp"`` (every rank holds the whole base), ``"fsdp"`` (base, adapters and optimizer
-            sharded over the ranks), or ``"auto"``: DDP where it fits, else FSDP (one GPU: ``"single"``).
-        cpu_offload: FSDP's CPU offload (FSDP2 ``CPUOffloadPolicy``): the shards of the base, the adapters,
-            their gradients and AdamW's state live in CPU memory; only the gathered blocks reach the GPU.
+        strategy: ``"ddp"`` (every rank holds the whole base), ``"fsdp"`` (the frozen base sharded over
+            the ranks; adapters and optimizer whole), or ``"auto"``: DDP where it fits, else FSDP (one
+            GPU: ``"single"``).
+        cpu_offload: FSDP's CPU offload (FSDP2 ``CPUOffloadPolicy``): the shards of the base live in CPU
+            memory; only the gathered blocks reach the GPU.
 
     Raises:
         ValueError / TypeError: a value out of range or of the wrong type, naming the argument.
@@ -364,12 +367,12 @@ def _plan(
     adapters, optimizer = 4 * params, 8 * params + 4 * n_tensors
     act = saved_activation_bytes(shape, seq, batch, r, targets, dtype, grad_ckpt)
     act += transient_activation_bytes(shape, seq, batch, r, targets, dtype, grad_ckpt, quantize)
-    if fsdp:  # the root's parameters for the whole step, and two blocks with their adapters' grads
-        block = block_weight_bytes(shape, quantize, dtype) + 8 * adapter_params(_one_block(shape), r, targets)
-        gathered, comm = root_weight_bytes(shape, dtype) + FSDP_GATHERED_BLOCKS * block, 0
-    else:
-        gathered, comm = 0, adapters if gpus > 1 else 0  # DDP's gradient buckets: one more gradient copy
-    parts = [0 if cpu_offload else -(-x // world) for x in (weights, adapters, adapters, optimizer)]
+    gathered = 0
+    if fsdp:  # the weights outside the blocks, and two blocks' frozen weights (the adapters are whole)
+        block = block_weight_bytes(shape, quantize, dtype)
+        gathered = root_weight_bytes(shape, dtype) + FSDP_GATHERED_BLOCKS * block
+    comm = adapters if gpus > 1 else 0  # the gradient all-reduce's buffer: one more gradient copy
+    parts = [0 if cpu_offload else -(-weights // world), adapters, adapters, optimizer]
     rest = sum(parts) + act + gathered + comm
     overhead = OVERHEAD_FIXED_BYTES + int(OVERHEAD_FRACTION * rest)
     name = "fsdp" if fsdp else "ddp" if gpus > 1 else "single"
