@@ -132,13 +132,13 @@ def test_saved_activations_equal_what_autograd_saves(dtype, name, targets, grad_
         assert saved_bytes(model, ids) == expected, (batch, seq)
 
 
-def test_without_an_attention_target_in_block_0_the_estimate_overcounts_by_less_than_a_block() -> None:
+def test_without_an_attention_target_in_block_0_the_estimate_is_still_exact() -> None:
+    """apply_lora makes the embedding's output need grad (for gradient checkpointing with a frozen embedding,
+    as PEFT does), so block 0 saves what every block saves even when its attention has no target."""
     targets = ("o_proj", "down_proj")
     model = tiny_llama(TINY, targets=targets).train()
     measured = saved_bytes(model, torch.randint(0, TINY.vocab_size, (2, 32)))
-    estimate = planner.saved_activation_bytes(TINY, 32, 2, 8, targets, "fp32")
-    one_block = planner.saved_activation_bytes(planner._one_block(TINY), 32, 2, 8, targets, "fp32")
-    assert measured < estimate < measured + one_block
+    assert measured == planner.saved_activation_bytes(TINY, 32, 2, 8, targets, "fp32")
 
 
 class PeakLiveBytes(TorchDispatchMode):

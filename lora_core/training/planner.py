@@ -189,8 +189,8 @@ def saved_activation_bytes(
     """Bytes autograd keeps for backward at the end of the forward pass (read off the tensors saved).
 
     Per token and block, ``b`` bytes each unless said fp32:
-        2 RMSNorms     fp32 input copy + fp32 1/rms           2·(h + 1)·4   (not block 0's input norm:
-                                                                            the frozen embedding needs none)
+        2 RMSNorms     fp32 input copy + fp32 1/rms           2·(h + 1)·4   (block 0's too: apply_lora makes
+                                                                            the embedding's output need grad)
         attention      q, out (= o_proj's input), k, v         (2a + 2kv)·b, + SDPA's logsumexp nh·4
         MLP            gate out, up out, silu(gate)            3i·b
         LoRA inputs    normed x of q/k/v, of gate/up,          h·b, h·b, i·b (each only if one of them is
@@ -201,9 +201,8 @@ def saved_activation_bytes(
     forward). With gradient checkpointing a block keeps only its input, h·b per token (RoPE is recomputed).
 
     Exact (tested, fp32 and bf16) for lora_core's fused LoRA path, which saves ``x`` in its own dtype (one
-    copy shared by q/k/v and by gate/up) and ``x·Aᵀ``: the path on CUDA. It assumes block 0's attention
-    has a target among q/k/v (all-linear, PEFT's q/v default); otherwise block 0 saves less and this
-    over-counts by at most one block. The CPU reference path saves fp32 copies per layer (more).
+    copy shared by q/k/v and by gate/up) and ``x·Aᵀ``: the path on CUDA. The CPU reference path saves fp32
+    copies per layer (more).
     """
     b, f = DTYPE_BYTES[dtype], 4
     h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
@@ -217,7 +216,7 @@ def saved_activation_bytes(
     lora += h * any(t in targets for t in ("gate_proj", "up_proj")) + i * ("down_proj" in targets)
     per_token = 2 * (h + 1) * f + (2 * a + 2 * kv + 3 * i + lora) * b + shape.num_attention_heads * f
     rope = seq * 2 * shape.d * b
-    return L * tokens * per_token - tokens * (h + 1) * f + model_level + rope
+    return L * tokens * per_token + model_level + rope
 
 
 def transient_activation_bytes(
