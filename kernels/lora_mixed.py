@@ -25,7 +25,8 @@ host-side index (no device sync) and cached per (index, tokens_per_row, device).
 **Backward** uses the same two kernels on transposed stacks (``lora_core.lora.mixed`` holds the autograd
 Function): ``G·B_a`` is shrink with ``B_aᵀ`` (n, R, out), and ``∂L/∂x += s_a (G B_a) A_a`` is expand with
 ``A_aᵀ`` (n, in, R). fp32 inputs multiply in full fp32 (``input_precision="ieee"``), like torch's default;
-fp16/bf16 on the tensor cores. Ranks above ``MAX_R`` (``MIXED_MAX_R``) take the reference path (a bigger ``R`` tile spills).
+fp16/bf16 on the tensor cores. Ranks above ``MAX_R`` (``MIXED_MAX_R``) take the reference path (a bigger
+``R`` tile spills).
 Every configuration the launchers choose is compiled for sm_80 / sm_90a by the compile gate
 (``compile_check``).
 """

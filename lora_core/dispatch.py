@@ -172,6 +172,7 @@ def nf4_matmul_grad_acc(out: Tensor, g: Tensor, q: NF4Tensor) -> Tensor:
 
 
 __all__ = [
+    "MIXED_MAX_R",  # read by the layer: adapters of a higher rank take the reference
     "LoraPlan",
     "fused_mode",
     "nf4_matmul",

@@ -202,8 +202,9 @@ class LoRALinear(HoldsAdapters):
                 f"mixed_adapters got {len(names)} adapter names for an input of shape {tuple(x.shape)}; "
                 "give one name per row (dim 0) of the batch"
             )
-        used = [n for n in dict.fromkeys(names) if n != BASE and n in self.lora_specs]  # an adapter this
-        plan = dispatch.plan_mixed(self, x)  # layer lacks: its rows see the base alone
+        # an adapter this layer lacks: its rows see the base alone
+        used = [n for n in dict.fromkeys(names) if n != BASE and n in self.lora_specs]
+        plan = dispatch.plan_mixed(self, x)
         fast = [n for n in used if self._kernel_takes(n)] if plan.path == "kernel" else []
         if fast:
             result = self._mixed_kernel_forward(x, names, fast, plan.dtype)  # base + fast adapters' updates
