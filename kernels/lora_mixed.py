@@ -56,7 +56,7 @@ _MIN_ITERS_PER_SPLIT = 4  # ... keeping at least this many BLOCK_K steps per sli
 
 @triton.jit(do_not_specialize=["R", "K", "K_PER_SPLIT", "stride_xm", "stride_wa", "stride_wr", "stride_sm",
                                "stride_ss"])  # fmt: skip
-def _shrink_kernel(
+def _lora_shrink_kernel(
     x_ptr, w_ptr, order_ptr, tiles_ptr, s_ptr,
     R, K, K_PER_SPLIT,
     stride_xm, stride_wa, stride_wr, stride_sm, stride_ss,
@@ -100,7 +100,7 @@ def _shrink_kernel(
 
 
 @triton.jit(do_not_specialize=["R", "N", "stride_sm", "stride_wa", "stride_wn", "stride_ym"])
-def _expand_kernel(
+def _lora_expand_kernel(
     s_ptr, w_ptr, scale_ptr, order_ptr, tiles_ptr, y_ptr,
     R, N,
     stride_sm, stride_wa, stride_wn, stride_ym,
@@ -207,11 +207,13 @@ def block_r(r: int) -> int:
     return next(b for b in BLOCK_RS if r <= b)
 
 
-def _config(n_tiles: int, r: int, k: int, device: torch.device) -> dict[str, int]:
-    """Tiles of both kernels. BLOCK_K = 64 and BLOCK_N = 64 keep the (BM, BR) operand, the (BM, BK) x
-    tile and the accumulator in registers at BLOCK_R = 128 too (the compile gate checks: no spills)."""
+def _config(n_tiles: int, r: int, k: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Tiles of both kernels. BLOCK_K = BLOCK_N = 32: the gathered x tile's 64-bit row addresses cost
+    registers, and a width of 64 took 160-255 registers a thread (2 blocks per SM) where 32 takes 64-166;
+    fp32 (``"ieee"``, no tensor cores) needs 16 at a rank tile of 128 to stay unspilled (compile gate)."""
     br = block_r(r)
-    cfg = {"BLOCK_R": br, "BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 8 if br >= 64 else 4}
+    width = 16 if dtype == torch.float32 and br == 128 else 32
+    cfg = {"BLOCK_R": br, "BLOCK_K": width, "BLOCK_N": width, "num_warps": 8 if br >= 64 else 4}
     iters, split = triton.cdiv(k, cfg["BLOCK_K"]), 1
     while (
         n_tiles * split < _PROGRAMS_PER_SM * _num_sms(device) and iters // (2 * split) >= _MIN_ITERS_PER_SPLIT
@@ -246,12 +248,12 @@ def lora_mixed_shrink(x: torch.Tensor, w: torch.Tensor, plan: MixedPlan) -> torc
     n_pos, (_, r, k) = plan.order.numel(), w.shape
     if k == 0:  # an empty sum
         return torch.zeros((n_pos, r), dtype=torch.float32, device=x.device)
-    cfg = _config(plan.tiles.shape[0], r, k, x.device)
+    cfg = _config(plan.tiles.shape[0], r, k, x.dtype, x.device)
     per_split = triton.cdiv(triton.cdiv(k, cfg["BLOCK_K"]), cfg["SPLIT"]) * cfg["BLOCK_K"]
     split = max(1, triton.cdiv(k, per_split))  # slices actually used
     ws = torch.empty((split, n_pos, r), dtype=torch.float32, device=x.device)
     if plan.tiles.shape[0] and n_pos and r:
-        _shrink_kernel[(plan.tiles.shape[0], split)](
+        _lora_shrink_kernel[(plan.tiles.shape[0], split)](
             x, w, plan.order, plan.tiles, ws, r, k, per_split,
             x.stride(0), w.stride(0), w.stride(1), ws.stride(1), ws.stride(0),
             BLOCK_M=BLOCK_M, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], IEEE=x.dtype == torch.float32,
@@ -275,10 +277,10 @@ def lora_mixed_expand(y: torch.Tensor, s: torch.Tensor, w: torch.Tensor, scale: 
         raise ValueError("y must have unit stride along its last dimension (it is updated in place)")
     s, w, scale = s.float().contiguous(), w.contiguous(), scale.float().contiguous()
     _, n, r = w.shape
-    cfg = _config(plan.tiles.shape[0], r, 0, y.device)
+    cfg = _config(plan.tiles.shape[0], r, 0, y.dtype, y.device)
     if plan.tiles.shape[0] and n_pos and r and n:
         grid = (plan.tiles.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
-        _expand_kernel[grid](
+        _lora_expand_kernel[grid](
             s, w, scale, plan.order, plan.tiles, y, r, n, s.stride(0), w.stride(0), w.stride(1), y.stride(0),
             BLOCK_M=BLOCK_M, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], IEEE=y.dtype == torch.float32,
             num_warps=cfg["num_warps"],
