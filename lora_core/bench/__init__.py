@@ -4,4 +4,5 @@
     layers    one adapted layer: fused LoRA / QLoRA / DoRA against the frozen layer and PEFT   (GPU)
     e2e       end-to-end fine-tuning: lora_core against PEFT (+ bitsandbytes), tokens/s and peak memory
               (e2e_report: its targets, table and plot)
+    mixed     mixed-adapter batches: one adapter per row vs one adapter for all, and PEFT   (GPU or CPU)
 """
