@@ -20,14 +20,16 @@ and two Triton kernels apply all of them at once, rows sorted by slot (Punica's 
     ∂L/∂B_a   = s_a · G[rows_a]ᵀ S[rows_a]               (out, R)  rows of one adapter: cuBLAS per adapter
     ∂L/∂b     = Σ_rows G
 
-The stacks are built from the adapters' Parameters by differentiable ops (pad, stack), so autograd hands
-each adapter its slice of the stacked gradient. Saved: x, S (P, R) and the stacks. DoRA adapters, and
+The Function takes every adapter's A and B and stacks them itself (one ``stack`` + cast per factor when
+the ranks agree: few launches per layer); each adapter's gradients are computed on its own rows, at its own
+rank. Saved: x, S (P, R) and the stacks in the compute dtype. DoRA adapters, and
 adapters whose dropout is in effect, stay on the reference path (the layer runs them after this Function).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,31 +64,35 @@ def _scale_tensor(scales: tuple[float, ...], device: torch.device) -> Tensor:
     return torch.tensor(scales, dtype=torch.float32, device=device)
 
 
-def stack_adapters(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """``[(A_a (r_a, in), B_a (out, r_a))]`` → ``A_stack (n, R, in)``, ``B_stack (n, out, R)``, zero-padded
-    to ``R = max r_a``; differentiable (each adapter gets its slice of the stacked gradient)."""
-    r = max(a.shape[0] for a, _ in factors)
-    a_stack = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in factors])
-    b_stack = torch.stack([F.pad(b, (0, r - b.shape[1])) for _, b in factors])
-    return a_stack, b_stack
+def stack_adapters(factors: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``A_0, B_0, A_1, B_1, ...`` (A_a (r_a, in), B_a (out, r_a)) → ``A_stack (n, R, in)``, ``B_stack
+    (n, out, R)`` in ``dtype``, zero-padded to ``R = max r_a`` (only adapters of a smaller rank are padded:
+    with equal ranks each stack is one ``stack`` and one cast)."""
+    a_s, b_s = factors[0::2], factors[1::2]
+    r = max(a.shape[0] for a in a_s)
+    a_stack = torch.stack([a if a.shape[0] == r else F.pad(a, (0, 0, 0, r - a.shape[0])) for a in a_s])
+    b_stack = torch.stack([b if b.shape[1] == r else F.pad(b, (0, r - b.shape[1])) for b in b_s])
+    return a_stack.to(dtype), b_stack.to(dtype)
 
 
 class MixedLoRAFunction(torch.autograd.Function):
     """``y = base(x) + b + s_t · (x[t] A_tᵀ) B_tᵀ`` per row t (module docstring). x (M, in) in the compute
-    dtype; the stacks in the adapters' dtype (cast for the kernels, gradients come back in theirs)."""
+    dtype; the factors ``A_0, B_0, A_1, ...`` in the adapters' dtype (stacked and cast for the kernels;
+    each adapter's gradients come back in its dtype, computed from its own rows only)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, a_stack: Tensor, b_stack: Tensor, bias: Tensor | None,
-                spec: MixedSpec) -> Tensor:  # fmt: skip
+    def forward(ctx: Any, x: Tensor, bias: Tensor | None, spec: MixedSpec, *factors: Tensor) -> Tensor:
         from lora_core.kernels import lora_mixed_expand, lora_mixed_shrink
 
         dt = x.dtype
         x2 = _as2d(x)  # (M, in)
+        a_stack, b_stack = stack_adapters(factors, dt)  # (n, R, in), (n, out, R)
         out = spec.base.forward(x2, None if bias is None else bias.to(dt))  # (M, out) = x W₀ᵀ + b
-        s = lora_mixed_shrink(x2, a_stack.to(dt), spec.plan)  # (P, R) float32
-        lora_mixed_expand(out, s, b_stack.to(dt), spec.scale, spec.plan)
+        s = lora_mixed_shrink(x2, a_stack, spec.plan)  # (P, R) float32
+        lora_mixed_expand(out, s, b_stack, spec.scale, spec.plan)
         ctx.save_for_backward(x2, s, a_stack, b_stack)
         ctx.spec, ctx.bias_dtype, ctx.x_shape = spec, None if bias is None else bias.dtype, x.shape
+        ctx.factor_meta = [(f.dtype, f.shape) for f in factors]
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -97,36 +103,40 @@ class MixedLoRAFunction(torch.autograd.Function):
         x2, s, a_stack, b_stack = ctx.saved_tensors
         spec: MixedSpec = ctx.spec
         plan, dt = spec.plan, grad.dtype
-        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_f = ctx.needs_input_grad[3:]  # A_0, B_0, A_1, B_1, ...
+        need_a, need_b = any(need_f[0::2]), any(need_f[1::2])
         g2 = _as2d(grad).contiguous()  # (M, out)
-        grad_x = grad_a = grad_b = grad_bias = None
+        grad_x = grad_bias = None
         gb = None
         if need_x or need_a:
             # G B_t                                                               (P, R) float32
-            gb = lora_mixed_shrink(g2, b_stack.transpose(1, 2).to(dt), plan)
+            gb = lora_mixed_shrink(g2, b_stack.transpose(1, 2), plan)
         if need_x:
             # ∂L/∂x = G W₀ + s_t · (G B_t) A_t                                     (M, in)
             grad_x = spec.base.matmul_grad_acc(torch.zeros_like(x2, dtype=dt), g2)
-            lora_mixed_expand(grad_x, gb, a_stack.transpose(1, 2).to(dt), spec.scale, plan)
+            lora_mixed_expand(grad_x, gb, a_stack.transpose(1, 2), spec.scale, plan)
             grad_x = grad_x.view(ctx.x_shape)
-        if need_a or need_b:
-            rows = plan.order  # sorted positions → rows of x; each adapter's rows are one segment
-            xs = x2.index_select(0, rows) if need_a else None  # (P, in)
-            gs = g2.index_select(0, rows) if need_b else None  # (P, out)
-            grad_a = torch.zeros_like(a_stack) if need_a else None
-            grad_b = torch.zeros_like(b_stack) if need_b else None
-            scale = spec.scales
+        grads: list[Tensor | None] = [None] * len(need_f)
+        if need_a or need_b:  # per adapter, on its own rows (one segment of the sorted order)
+            xs = x2.index_select(0, plan.order) if need_a else None  # (P, in)
+            gs = g2.index_select(0, plan.order) if need_b else None  # (P, out)
             for slot, first, end in plan.segments:
-                seg = slice(first, end)
-                if grad_a is not None:
-                    # ∂L/∂A_a = s_a · (G B_a)ᵀ x                                    (R, in)
-                    grad_a[slot] = _mm_to(gb[seg].T.to(dt), xs[seg], a_stack.dtype).mul_(scale[slot])  # type: ignore[index]
-                if grad_b is not None:
-                    # ∂L/∂B_a = s_a · Gᵀ S                                          (out, R)
-                    grad_b[slot] = _mm_to(gs[seg].T, s[seg].to(dt), b_stack.dtype).mul_(scale[slot])  # type: ignore[index]
+                seg, sc = slice(first, end), spec.scales[slot]
+                (a_dtype, a_shape), (b_dtype, _) = ctx.factor_meta[2 * slot : 2 * slot + 2]
+                r = a_shape[0]
+                if need_f[2 * slot]:
+                    # ∂L/∂A_a = s_a · (G B_a)ᵀ x                                    (r, in)
+                    grads[2 * slot] = _mm_to(gb[seg, :r].T.to(dt), xs[seg], a_dtype).mul_(sc)  # type: ignore[index]
+                if need_f[2 * slot + 1]:
+                    # ∂L/∂B_a = s_a · Gᵀ S                                          (out, r)
+                    grads[2 * slot + 1] = _mm_to(gs[seg].T, s[seg, :r].to(dt), b_dtype).mul_(sc)  # type: ignore[index]
+            for i, (need, (f_dtype, f_shape)) in enumerate(zip(need_f, ctx.factor_meta)):
+                if need and grads[i] is None:  # an adapter no row uses
+                    grads[i] = torch.zeros(f_shape, dtype=f_dtype, device=grad.device)
         if need_bias:
             grad_bias = g2.sum(0, dtype=torch.promote_types(dt, torch.float32)).to(ctx.bias_dtype)
-        return grad_x, grad_a, grad_b, grad_bias, None
+        return grad_x, grad_bias, None, *grads
 
 
 def mixed_lora_linear(x: Tensor, base: FrozenBase, factors: list[tuple[Tensor, Tensor, float]],
@@ -144,9 +154,8 @@ def mixed_lora_linear(x: Tensor, base: FrozenBase, factors: list[tuple[Tensor, T
     if x.dim() < 2 or x.shape[0] != len(index):
         raise ValueError(f"index has {len(index)} slots for an input of shape {tuple(x.shape)}")
     plan = mixed_plan(index, x[0].numel() // x.shape[-1] if x.shape[-1] else 1, x.device)
-    a_stack, b_stack = stack_adapters([(a, b) for a, b, _ in factors])
     spec = MixedSpec(base, plan, tuple(float(s) for _, _, s in factors))
-    return MixedLoRAFunction.apply(x, a_stack, b_stack, bias, spec)
+    return MixedLoRAFunction.apply(x, bias, spec, *(t for a, b, _ in factors for t in (a, b)))
 
 
 __all__ = ["MixedLoRAFunction", "MixedSpec", "mixed_lora_linear", "stack_adapters"]
