@@ -18,17 +18,16 @@ each adapter's run of positions into tiles of at most ``BLOCK_M`` positions, one
 A program takes one tile (and, shrink, one slice of K / expand, one BLOCK_N columns of the output): it
 gathers its tokens' rows of x by ``order``, loads its adapter's ``W[slot]`` tile and uses the tensor cores
 (``tl.dot``, fp32 accumulation) as a dense GEMM would. Shrink splits K over ``SPLIT`` programs when there
-are too few tiles to fill the GPU (float32 partial sums, added on the host side). Expand adds into ``y``
-in place (each element belongs to one program): base rows are never touched. The plan is built from the
-host-side index (no device sync) and cached per (index, tokens_per_row, device).
+are too few tiles to fill the GPU (float32 partial sums, then one ``sum`` over the splits). Expand adds
+into ``y`` in place (each element belongs to one program): base rows are never touched. The plan is
+built from the host-side index (no device sync) and cached per (index, tokens_per_row, device).
 
 **Backward** uses the same two kernels on transposed stacks (``lora_core.lora.mixed`` holds the autograd
 Function): ``G·B_a`` is shrink with ``B_aᵀ`` (n, R, out), and ``∂L/∂x += s_a (G B_a) A_a`` is expand with
 ``A_aᵀ`` (n, in, R). fp32 inputs multiply in full fp32 (``input_precision="ieee"``), like torch's default;
 fp16/bf16 on the tensor cores. Ranks above ``MAX_R`` (``MIXED_MAX_R``) take the reference path (a bigger
-``R`` tile spills).
-Every configuration the launchers choose is compiled for sm_80 / sm_90a by the compile gate
-(``compile_check``).
+``R`` tile spills). Every configuration the launchers choose is compiled for sm_80 / sm_90a by the compile
+gate (``compile_check``).
 """
 
 from __future__ import annotations
