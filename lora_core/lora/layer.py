@@ -213,10 +213,11 @@ class LoRALinear(HoldsAdapters):
         slow = [n for n in used if n not in fast]
         if not slow:
             return result
-        out = result.to(torch.promote_types(result.dtype, self._adapter_dtype))
+        # one copy of the output to add into in place (an out-of-place index_add copies it per adapter)
+        out = result.to(torch.promote_types(result.dtype, self._adapter_dtype), copy=True)
         for name in slow:  # their rows of `result` are the base output still
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out = out.index_add(0, rows, self._update(name, x[rows], result[rows]).to(out.dtype))
+            out.index_add_(0, rows, self._update(name, x[rows], result[rows]).to(out.dtype))
         return out.to(result.dtype)
 
     def _kernel_takes(self, name: str) -> bool:
