@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="CPU: untimed calls first")
     p.add_argument("--reps", type=int, default=5, help="CPU: timed calls (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU: torch threads (1 is steadier on a busy machine)"
+    )
     p.add_argument("--note", default="", help="recorded with the results (e.g. the machine's load)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, table, PNG")
     return p
@@ -245,10 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_mixed: --device cuda needs a CUDA GPU; use --device cpu", file=sys.stderr)
         return 2
-    if args.adapters < 1 or args.r < 1 or args.reps < 1 or args.warmup < 0:
-        print("bench_mixed: --adapters, --r and --reps must be ≥ 1, --warmup ≥ 0", file=sys.stderr)
+    if args.adapters < 1 or args.r < 1 or args.reps < 1 or args.warmup < 0 or (args.threads or 1) < 1:
+        print("bench_mixed: --adapters, --r, --reps and --threads must be ≥ 1, --warmup ≥ 0", file=sys.stderr)
         return 2
     args.size = args.size or ("full" if device.type == "cuda" else "small")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     transformers.logging.set_verbosity_error()
