@@ -92,6 +92,32 @@ def test_forward_and_gradients_match_the_reference(p: dict, dtype: torch.dtype) 
         assert_close(got.grad, want_grad, dtype)  # the compute dtype's tolerance (fp32 grads of fp16 math)
 
 
+@pytest.mark.parametrize("index", [[1, 0, 1, 0], [1, 0, 0, -1]])
+def test_weight_gradients_batched_and_per_adapter(index: list[int]) -> None:
+    """Equal rows per adapter take the batched weight gradients (bmm), unequal ones a GEMM pair per
+    adapter: both give the reference's gradients, at each adapter's own rank."""
+    from lora_core.lora import mixed
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 2, 12, requires_grad=True)
+    w = torch.randn(10, 12)
+    factors = [(torch.randn(r, 12, requires_grad=True), torch.randn(10, r, requires_grad=True), s)
+               for r, s in ((3, 2.0), (5, 0.5))]  # fmt: skip
+    plan = kernels.mixed_plan(index, 2, "cpu")
+    meta = [(t.dtype, t.shape) for a, b, _ in factors for t in (a, b)]
+    assert mixed._uniform(plan, meta) == (index == [1, 0, 1, 0])
+    g = torch.randn(4, 2, 10)
+    mixed_lora_linear(x.to(DEVICE), DenseBase(w.to(DEVICE)), factors, index).backward(g.to(DEVICE))
+    got = [x.grad] + [t.grad for a, b, _ in factors for t in (a, b)]
+    for t in [x] + [t for a, b, _ in factors for t in (a, b)]:
+        t.grad = None
+    reference(x, w, None, factors, index).backward(g)
+    want = [x.grad] + [t.grad for a, b, _ in factors for t in (a, b)]
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert_close(a, b)
+
+
 def test_plan_sorts_rows_by_adapter_and_tiles_them() -> None:
     bm = kernels.lora_mixed.BLOCK_M
     t = bm // 2 + 3  # rows of t tokens: an adapter's run crosses a tile boundary

@@ -20,6 +20,9 @@ and two Triton kernels apply all of them at once, rows sorted by slot (Punica's 
     ∂L/∂B_a   = s_a · G[rows_a]ᵀ S[rows_a]               (out, R)  rows of one adapter: cuBLAS per adapter
     ∂L/∂b     = Σ_rows G
 
+(when every adapter has as many rows, as in a batch spread evenly, the weight gradients are one batched
+GEMM each, ``bmm`` over the adapters, instead of one GEMM per adapter).
+
 The Function takes every adapter's A and B and stacks them itself (one ``stack`` + cast per factor when
 the ranks agree: few launches per layer); each adapter's gradients are computed on its own rows, at its own
 rank. Saved: x, S (P, R) and the stacks in the compute dtype. DoRA adapters, and
@@ -121,22 +124,72 @@ class MixedLoRAFunction(torch.autograd.Function):
         if need_a or need_b:  # per adapter, on its own rows (one segment of the sorted order)
             xs = x2.index_select(0, plan.order) if need_a else None  # (P, in)
             gs = g2.index_select(0, plan.order) if need_b else None  # (P, out)
-            for slot, first, end in plan.segments:
-                seg, sc = slice(first, end), spec.scales[slot]
-                (a_dtype, a_shape), (b_dtype, _) = ctx.factor_meta[2 * slot : 2 * slot + 2]
-                r = a_shape[0]
-                if need_f[2 * slot]:
-                    # ∂L/∂A_a = s_a · (G B_a)ᵀ x                                    (r, in)
-                    grads[2 * slot] = _mm_to(gb[seg, :r].T.to(dt), xs[seg], a_dtype).mul_(sc)  # type: ignore[index]
-                if need_f[2 * slot + 1]:
-                    # ∂L/∂B_a = s_a · Gᵀ S                                          (out, r)
-                    grads[2 * slot + 1] = _mm_to(gs[seg].T, s[seg, :r].to(dt), b_dtype).mul_(sc)  # type: ignore[index]
+            if _uniform(plan, ctx.factor_meta):  # every adapter has as many rows: two batched GEMMs
+                _batched_weight_grads(grads, need_f, gb, xs, gs, s, spec, ctx.factor_meta, dt)
+            else:
+                for slot, first, end in plan.segments:
+                    seg, sc = slice(first, end), spec.scales[slot]
+                    (a_dtype, a_shape), (b_dtype, _) = ctx.factor_meta[2 * slot : 2 * slot + 2]
+                    r = a_shape[0]
+                    if need_f[2 * slot]:
+                        # ∂L/∂A_a = s_a · (G B_a)ᵀ x                                (r, in)
+                        grads[2 * slot] = _mm_to(gb[seg, :r].T.to(dt), xs[seg], a_dtype).mul_(sc)  # type: ignore[index]
+                    if need_f[2 * slot + 1]:
+                        # ∂L/∂B_a = s_a · Gᵀ S                                      (out, r)
+                        grads[2 * slot + 1] = _mm_to(gs[seg].T, s[seg, :r].to(dt), b_dtype).mul_(sc)  # type: ignore[index]
             for i, (need, (f_dtype, f_shape)) in enumerate(zip(need_f, ctx.factor_meta)):
                 if need and grads[i] is None:  # an adapter no row uses
                     grads[i] = torch.zeros(f_shape, dtype=f_dtype, device=grad.device)
         if need_bias:
             grad_bias = g2.sum(0, dtype=torch.promote_types(dt, torch.float32)).to(ctx.bias_dtype)
         return grad_x, grad_bias, None, *grads
+
+
+def _uniform(plan: Any, meta: list[tuple[torch.dtype, torch.Size]]) -> bool:
+    """Every slot has rows, all as many, and the A's (the B's) share one dtype: the weight gradients are
+    then two batched GEMMs instead of two GEMMs per adapter."""
+    lengths = {end - first for _, first, end in plan.segments}
+    slots = [slot for slot, _, _ in plan.segments]
+    same_dtype = len({m[0] for m in meta[0::2]}) == 1 and len({m[0] for m in meta[1::2]}) == 1
+    return len(lengths) == 1 and slots == list(range(len(meta) // 2)) and same_dtype
+
+
+def _batched_weight_grads(grads: list[Tensor | None], need: tuple[bool, ...], gb: Tensor | None,
+                          xs: Tensor | None, gs: Tensor | None, s: Tensor, spec: MixedSpec,
+                          meta: list[tuple[torch.dtype, torch.Size]], dt: torch.dtype) -> None:  # fmt: skip
+    """``grads[2a] = s_a (G B_a)ᵀ x``, ``grads[2a+1] = s_a Gᵀ S`` for every adapter a at once (bmm over
+    the n equal segments), each a view at its adapter's rank; ``need`` says which are wanted."""
+    n = len(meta) // 2
+    scale = spec.scale.view(n, 1, 1)
+    if xs is not None and gb is not None:
+        ga = _bmm_to(
+            gb.to(dt).view(n, -1, gb.shape[1]).transpose(1, 2), xs.view(n, -1, xs.shape[1]), meta[0][0]
+        )
+        ga.mul_(scale.to(ga.dtype))  # (n, R, in)
+        for a in range(n):
+            grads[2 * a] = ga[a, : meta[2 * a][1][0]] if need[2 * a] else None
+    if gs is not None:
+        gw = _bmm_to(
+            gs.view(n, -1, gs.shape[1]).transpose(1, 2), s.to(dt).view(n, -1, s.shape[1]), meta[1][0]
+        )
+        gw.mul_(scale.to(gw.dtype))  # (n, out, R)
+        for a in range(n):
+            grads[2 * a + 1] = gw[a, :, : meta[2 * a][1][0]] if need[2 * a + 1] else None
+
+
+def _bmm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` (batched) rounded once to ``dtype``, as `fused._mm_to` (cuBLAS' float32 accumulator on
+    CUDA where torch offers ``out_dtype``; elsewhere the product is cast)."""
+    global _BMM_OUT_DTYPE
+    if a.dtype != dtype and a.is_cuda and _BMM_OUT_DTYPE:
+        try:
+            return torch.bmm(a, b, out_dtype=dtype)
+        except (TypeError, RuntimeError):  # an older torch, or a dtype pair it does not offer
+            _BMM_OUT_DTYPE = False
+    return torch.bmm(a, b).to(dtype)
+
+
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # aten::bmm.dtype
 
 
 def mixed_lora_linear(x: Tensor, base: FrozenBase, factors: list[tuple[Tensor, Tensor, float]],
