@@ -14,6 +14,9 @@ below are loaded on first attribute access (module ``__getattr__``).
   (benchmarks time both strategies).
 - ``nf4_matmul_workspace_numel(rows, q, *, grad=False)``: float32 elements a caller's ``workspace=`` needs
   (the split-K partial sums; 0 when K is not split).
+- ``mixed_plan(index, tokens_per_row, device)``, ``lora_mixed_shrink(x, w, plan)``,
+  ``lora_mixed_expand(y, s, w, scale, plan)``: a different LoRA adapter per row of a batch
+  (``lora_mixed.py``).
 
 ``out=`` is where the result is written (contiguous, the result's shape, dtype and device), ``workspace=``
 float32 scratch; both are allocated when not given and their contents on entry never matter.
@@ -41,7 +44,11 @@ from typing import Any
 
 __all__: list[str] = [
     "FUSED_MAX_M",
+    "MIXED_MAX_R",
     "interpreter_active",
+    "lora_mixed_expand",
+    "lora_mixed_shrink",
+    "mixed_plan",
     "nf4_dequantize",
     "nf4_matmul",
     "nf4_matmul_fused",
@@ -54,6 +61,10 @@ __all__: list[str] = [
 # BLOCK_MS). Owned here, read by `nf4_gemm` and by `lora_core.dispatch`.
 FUSED_MAX_M = 16
 
+# The largest rank the per-row kernels of mixed batches take (``lora_mixed``: its largest rank tile; a
+# bigger one would spill). Owned here, read by `lora_mixed` and `lora_core.dispatch`.
+MIXED_MAX_R = 128
+
 # public name -> the submodule that defines it (imported, with triton, on first use). The modules are
 # named unlike the functions: the import system binds a submodule as an attribute of its package, which
 # would hide a function of the same name.
@@ -63,6 +74,9 @@ _LAZY = {
     "nf4_matmul_grad": "nf4_gemm",
     "nf4_matmul_fused": "nf4_gemm",
     "nf4_matmul_workspace_numel": "nf4_gemm",
+    "mixed_plan": "lora_mixed",
+    "lora_mixed_shrink": "lora_mixed",
+    "lora_mixed_expand": "lora_mixed",
 }
 
 

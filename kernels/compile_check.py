@@ -16,7 +16,8 @@ becomes a constant, ints and pointers divisible by 16 get a ``tt.divisibility`` 
 The cases (``cases``) are enumerated from the launchers' own choices: their supported dtypes, every
 block size the NF4 container accepts, M from 1 to one past ``FUSED_MAX_M`` (so every ``BLOCK_M`` that
 ``_config`` picks, and the dequantize + cuBLAS path), K aligned / ragged / not a multiple of 8, splits
-of 1 and more, bias on and off, double quantization on and off.
+of 1 and more, bias on and off, double quantization on and off; and for the per-row LoRA kernels of
+mixed batches (``lora_mixed``), every dtype and rank tile.
 
 It lives in the package (not in ``benchmarks/``) because it is tied to the launchers' internals (what to
 intercept, what to enumerate) and to the Triton version the kernels are written for; the compile gate
@@ -79,6 +80,8 @@ class Case:
 
     @property
     def name(self) -> str:
+        if self.op.startswith("mixed"):  # the per-row LoRA kernels: n is the rank, k the reduced/out width
+            return f"{self.op} {self.dtype} r={self.n} width={self.k} tokens={self.m}"
         s = f"{self.op} {self.dtype} {self.n}x{self.k} bs={self.block_size} dq={int(self.double_quant)}"
         if self.op != "dequantize":
             s += f" M={self.m}" + (" bias" if self.bias else "") + ("" if self.layout == "contiguous" else
@@ -92,7 +95,7 @@ class Case:
 @contextlib.contextmanager
 def intercepted(arch: int) -> Iterator[list[Launch]]:
     """Launchers run on CPU tensors; their kernel launches are recorded instead of run."""
-    from lora_core.kernels import nf4_dequant, nf4_gemm
+    from lora_core.kernels import lora_mixed, nf4_dequant, nf4_gemm
     from triton.runtime.jit import JITFunction
 
     launches: list[Launch] = []
@@ -103,17 +106,17 @@ def intercepted(arch: int) -> Iterator[list[Launch]]:
     def no_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype)  # cuBLAS's part: not ours to compile
 
-    saved = (JITFunction.run, nf4_dequant.check_device, nf4_gemm.check_device, nf4_gemm.num_sms,
-             nf4_gemm.F)  # fmt: skip
+    saved = (JITFunction.run, nf4_dequant.check_device, nf4_gemm.check_device, nf4_gemm.num_sms, nf4_gemm.F,
+             lora_mixed.check_device, lora_mixed.num_sms)  # fmt: skip
     JITFunction.run = record
-    nf4_dequant.check_device = nf4_gemm.check_device = lambda t, name: None
-    nf4_gemm.num_sms = lambda device: ARCHS[arch].sms
+    nf4_dequant.check_device = nf4_gemm.check_device = lora_mixed.check_device = lambda t, name: None
+    nf4_gemm.num_sms = lora_mixed.num_sms = lambda device: ARCHS[arch].sms
     nf4_gemm.F = types.SimpleNamespace(linear=no_linear)
     try:
         yield launches
     finally:
         (JITFunction.run, nf4_dequant.check_device, nf4_gemm.check_device, nf4_gemm.num_sms,
-         nf4_gemm.F) = saved  # fmt: skip
+         nf4_gemm.F, lora_mixed.check_device, lora_mixed.num_sms) = saved  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)  # cases come grouped by weight: one weight in memory at a time
@@ -149,6 +152,8 @@ def capture(case: Case, arch: int) -> list[Launch]:
     import lora_core.kernels as kernels
 
     dtype = getattr(torch, case.dtype)
+    if case.op.startswith("mixed"):
+        return _capture_mixed(case, dtype, arch)
     q = fake_nf4(case.n, case.k, case.block_size, case.double_quant)
     with intercepted(arch) as launches:
         if case.op == "dequantize":
@@ -158,6 +163,22 @@ def capture(case: Case, arch: int) -> list[Launch]:
             kernels.nf4_matmul(_activation(case.m, case.k, dtype, case.layout), q, bias)
         else:
             kernels.nf4_matmul_grad(_activation(case.m, case.n, dtype, case.layout), q)
+    return launches
+
+
+def _capture_mixed(case: Case, dtype: torch.dtype, arch: int) -> list[Launch]:
+    """The per-row LoRA kernels: ``case.m`` tokens in two rows of two adapters (rank ``case.n``), reducing
+    over (shrink) or writing (expand) ``case.k`` columns."""
+    import lora_core.kernels as kernels
+
+    plan = kernels.mixed_plan([0, 1], case.m // 2, "cpu")
+    with intercepted(arch) as launches:
+        if case.op == "mixed_shrink":
+            kernels.lora_mixed_shrink(torch.empty(case.m, case.k, dtype=dtype),
+                                      torch.empty(2, case.n, case.k, dtype=dtype), plan)  # fmt: skip
+        else:
+            y, w = torch.empty(case.m, case.k, dtype=dtype), torch.empty(2, case.k, case.n, dtype=dtype)
+            kernels.lora_mixed_expand(y, torch.empty(case.m, case.n), w, torch.ones(2), plan)
     return launches
 
 
@@ -207,6 +228,15 @@ def cases() -> list[Case]:
                         out.append(Case("grad", names[dt], n, k, bs, dq, m))
                         for bias in (False, True):
                             out.append(Case("matmul", names[dt], n, k, bs, dq, m, bias))
+    # the per-row LoRA kernels: every dtype and rank tile (each BLOCK_R's smallest and largest rank)
+    from lora_core.kernels import lora_mixed
+
+    for dt in lora_mixed.SUPPORTED_DTYPES:
+        lo = 1
+        for br in lora_mixed.BLOCK_RS:
+            for r in (lo, br):
+                out += [Case(op, names[dt], r, 4096, m=256) for op in ("mixed_shrink", "mixed_expand")]
+            lo = br + 1
     # other strides of x / grad_out (a stride of 1 becomes a constant, and the forward kernel specialises on
     # x's row stride being a multiple of 8, so these are other kernels)
     for layout in ("strided", "transposed", "padded"):

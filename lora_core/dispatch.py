@@ -1,6 +1,6 @@
 """Dispatch: THE one module that decides, per call, which implementation runs.
 
-Two decisions, each a pure function of the call (its tensors, autocast, `fused_mode`), never of a layer's
+Three decisions, each a pure function of the call (its tensors, autocast, `fused_mode`), never of a layer's
 class or of state left behind by an earlier call:
 
 1. **A LoRA layer's forward** (`plan_lora`): the fused autograd Function (``lora_core.lora.fused``: one
@@ -10,6 +10,12 @@ class or of state left behind by an earlier call:
 
        reference   CPU / other devices; a merged layer; a base weight that trains; fused_mode("never")
        fused       CUDA (or fused_mode("always"): how the tests check the fused math on CPU)
+
+   A **mixed batch** (``lc.mixed_adapters``, `plan_mixed`): where `plan_lora` says fused and the compute
+   dtype is fp16/bf16/fp32, the per-row Triton kernels (``lora_core.lora.mixed``) apply every LoRA
+   adapter of the batch in one pass; on a CPU only under ``TRITON_INTERPRET=1`` with ``fused_mode("always")``
+   (the tests). The layer keeps DoRA adapters, dropout in effect and ranks above ``MIXED_MAX_R`` on the
+   reference.
 
 2. **An NF4 product** ``x · dequant(q)ᵀ`` and its input gradient (`nf4_path`):
 
@@ -33,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_core.kernels import FUSED_MAX_M  # a constant: importing it loads no Triton
+from lora_core.kernels import FUSED_MAX_M, MIXED_MAX_R, interpreter_active  # these load no Triton
 from lora_core.quant.nf4 import NF4Tensor, nf4_matmul_grad_ref, nf4_matmul_ref
 
 # ---- the LoRA layer: fused Function or reference -----------------------------------------------------
@@ -97,6 +103,22 @@ def plan_lora(layer: Any, x: Tensor) -> LoraPlan:
     return LoraPlan("fused", x.dtype, "fused")
 
 
+MIXED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the per-row kernels compute in
+
+
+def plan_mixed(layer: Any, x: Tensor) -> LoraPlan:
+    """The plan for a mixed batch through ``layer``: ``"kernel"`` (the per-row Triton kernels, in the
+    plan's dtype) or ``"reference"`` (module docstring)."""
+    plan = plan_lora(layer, x)
+    if plan.path != "fused":
+        return plan
+    if plan.dtype not in MIXED_DTYPES:
+        return LoraPlan("reference", None, f"the per-row kernels compute in fp16/bf16/fp32, not {plan.dtype}")
+    if not x.is_cuda and not interpreter_active():
+        return LoraPlan("reference", None, "the per-row kernels need CUDA (or TRITON_INTERPRET=1)")
+    return LoraPlan("kernel", plan.dtype, "per-row kernels")
+
+
 # ---- the NF4 product: Triton kernel, dequantize + cuBLAS, or reference ---------------------------------
 
 
@@ -150,6 +172,7 @@ def nf4_matmul_grad_acc(out: Tensor, g: Tensor, q: NF4Tensor) -> Tensor:
 
 
 __all__ = [
+    "MIXED_MAX_R",  # read by the layer: adapters of a higher rank take the reference
     "LoraPlan",
     "fused_mode",
     "nf4_matmul",
@@ -158,4 +181,5 @@ __all__ = [
     "nf4_matmul_grad_acc",
     "nf4_path",
     "plan_lora",
+    "plan_mixed",
 ]

@@ -194,7 +194,8 @@ def test_bench_rejects_an_unknown_suite() -> None:
     result = cli("bench", "warp-speed")
     assert result.returncode == 2
     expected = (
-        "lora-core: error: unknown benchmark 'warp-speed'; choose from ['e2e', 'kernels', 'layer', 'static']"
+        "lora-core: error: unknown benchmark 'warp-speed'; choose from "
+        "['e2e', 'kernels', 'layer', 'mixed', 'static']"
     )
     assert result.stderr.strip() == expected
 

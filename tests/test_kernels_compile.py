@@ -7,7 +7,7 @@ H100/H200: 227 KiB); the launchers must choose another configuration there inste
 
 The matrix runs in a subprocess: this test session runs Triton in interpreter mode (conftest), which
 replaces ``@triton.jit`` functions by interpreted ones that cannot be compiled. It gets a fresh Triton
-cache (nothing is reused across runs) and compiles on every core; about 2 × 80 distinct kernels, a few
+cache (nothing is reused across runs) and compiles on every core; about 2 × 100 distinct kernels, a few
 minutes on 2 cores.
 """
 
@@ -53,6 +53,11 @@ def test_cases_cover_what_the_launchers_choose() -> None:
     assert block_ms == set(nf4_gemm.BLOCK_MS) and max(ms) > nf4_gemm.FUSED_MAX_M
     assert {c.dtype for c in cases} == {"float16", "bfloat16", "float32"}
     assert {c.k % 8 != 0 for c in cases} == {True, False} and {c.bias for c in cases} == {True, False}
+    # the per-row LoRA kernels: every dtype × rank tile, for both kernels
+    from lora_core.kernels import lora_mixed
+
+    mixed = {(c.op, c.dtype, lora_mixed.block_r(c.n)) for c in cases if c.op.startswith("mixed")}
+    assert len(mixed) == 2 * len(lora_mixed.SUPPORTED_DTYPES) * len(lora_mixed.BLOCK_RS)
 
 
 def test_every_configuration_compiles_without_spills_within_shared_memory(tmp_path: Path) -> None:
@@ -67,6 +72,7 @@ def test_every_configuration_compiles_without_spills_within_shared_memory(tmp_pa
     assert proc.returncode == 0, "\n".join(summary) or proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["results"]
-    names = ("_nf4_dequant_kernel", "nf4_matmul_kernel", "nf4_matmul_grad_kernel")  # split-K: one launch
+    names = ("_nf4_dequant_kernel", "nf4_matmul_kernel", "nf4_matmul_grad_kernel",  # split-K: one launch
+             "_lora_shrink_kernel", "_lora_expand_kernel")  # fmt: skip
     assert {(r["arch"], r["kernel"]) for r in rows} == {(arch, k) for arch in (80, 90) for k in names}
     assert all(r["regs"] > 0 and not r["problems"] for r in rows)

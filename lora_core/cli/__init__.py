@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser(
         "bench",
-        help="run a benchmark: kernels (default), layer, e2e (GPU) or static (what the kernels compile to, "
-        "no GPU); `bench SUITE --help` for its options",
+        help="run a benchmark: kernels (default), layer, e2e (GPU), mixed (mixed-adapter batches, GPU or "
+        "CPU) or static (what the kernels compile to, no GPU); `bench SUITE --help` for its options",
         add_help=False,
     )
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -277,6 +277,7 @@ BENCH_SUITES = {
     "kernels": "lora_core.bench.kernels",  # NF4 dequantize / matmul vs cuBLAS and bitsandbytes
     "layer": "lora_core.bench.layers",  # fused LoRA / QLoRA / DoRA layer vs the frozen linear and PEFT
     "e2e": "lora_core.bench.e2e",  # end-to-end QLoRA training vs PEFT + bitsandbytes
+    "mixed": "lora_core.bench.mixed",  # mixed-adapter batches vs one adapter and PEFT (CPU or GPU)
     "static": "lora_core.kernels.static_report",  # what the kernels compile to, modelled (no GPU needed)
 }
 

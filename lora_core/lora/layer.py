@@ -43,6 +43,7 @@ from lora_core.lora import functional
 from lora_core.lora.bases import DenseBase, FrozenBase, NF4Base, frozen_base_of, is_conv1d, linear_features
 from lora_core.lora.config import check_bool
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
+from lora_core.lora.mixed import mixed_lora_linear
 from lora_core.lora.slots import BASE, DEFAULT, AdapterSpec, HoldsAdapters, check_adapter_name
 
 
@@ -217,21 +218,49 @@ class LoRALinear(HoldsAdapters):
         return functional.dora_update(xd, base_xd, a, b, self.magnitude(name), norm, spec.scaling)
 
     def _mixed_forward(self, x: Tensor, names: list[str]) -> Tensor:
-        """Row ``i`` of ``x`` (dim 0) through adapter ``names[i]`` alone (``"__base__"``: none): the base
-        once for the whole batch, then each adapter's update on its rows, added with ``index_add``."""
+        """Row ``i`` of ``x`` (dim 0) through adapter ``names[i]`` alone (``"__base__"``: none). On CUDA
+        (``dispatch.plan_mixed``) the per-row kernels apply every plain LoRA adapter in one pass
+        (``lora_core.lora.mixed``); the others (DoRA, dropout in effect, rank > ``MIXED_MAX_R``), and
+        every adapter elsewhere, take the reference: each adapter's update on its rows, ``index_add``-ed
+        onto the base output."""
         if x.dim() < 2 or x.shape[0] != len(names):
             raise ValueError(
                 f"mixed_adapters got {len(names)} adapter names for an input of shape {tuple(x.shape)}; "
                 "give one name per row (dim 0) of the batch"
             )
-        result = self.base.forward(x, self.bias)  # (B, ..., out)
-        out = result.to(torch.promote_types(result.dtype, self._adapter_dtype))
-        for name in dict.fromkeys(names):
-            if name == BASE or name not in self.lora_specs:  # an adapter this layer lacks: the base alone
-                continue
+        # an adapter this layer lacks: its rows see the base alone
+        used = [n for n in dict.fromkeys(names) if n != BASE and n in self.lora_specs]
+        plan = dispatch.plan_mixed(self, x)
+        fast = [n for n in used if self._kernel_takes(n)] if plan.path == "kernel" else []
+        if fast:
+            result = self._mixed_kernel_forward(x, names, fast, plan.dtype)  # base + fast adapters' updates
+        else:
+            result = self.base.forward(x, self.bias)  # (B, ..., out)
+        slow = [n for n in used if n not in fast]
+        if not slow:
+            return result
+        # one copy of the output to add into in place (an out-of-place index_add copies it per adapter)
+        out = result.to(torch.promote_types(result.dtype, self._adapter_dtype), copy=True)
+        for name in slow:  # their rows of `result` are the base output still
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out = out.index_add(0, rows, self._update(name, x[rows], result[rows]).to(out.dtype))
+            out.index_add_(0, rows, self._update(name, x[rows], result[rows]).to(out.dtype))
         return out.to(result.dtype)
+
+    def _kernel_takes(self, name: str) -> bool:
+        """Whether the per-row kernels compute adapter ``name`` (plain LoRA, no dropout in effect)."""
+        spec = self.lora_specs[name]
+        return not spec.use_dora and not (spec.dropout and self.training) and spec.r <= dispatch.MIXED_MAX_R
+
+    def _mixed_kernel_forward(
+        self, x: Tensor, names: list[str], fast: list[str], dtype: torch.dtype
+    ) -> Tensor:
+        """``base(x) + b`` plus each ``fast`` adapter's update on its rows, through the per-row kernels in
+        ``dtype`` (x's, or autocast's: cast as in `_fused_forward`)."""
+        slot = {n: i for i, n in enumerate(fast)}
+        index = [slot.get(n, -1) for n in names]
+        factors = [(self.lora_A[n], self.lora_B[n], self.lora_specs[n].scaling) for n in fast]
+        with torch.autocast(x.device.type, enabled=False):
+            return mixed_lora_linear(x.to(dtype), self.base.cast(dtype), factors, index, self.bias)
 
     def _fused_forward(self, x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
         """The fused Function in ``dtype`` (x's, or autocast's: the inputs are cast as autocast would cast

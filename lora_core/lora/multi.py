@@ -148,8 +148,9 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[n
     """``with lc.mixed_adapters(model, names): model(batch)``: row ``i`` of the batch (dim 0 of each LoRA
     layer's input) goes through adapter ``names[i]`` alone, ``"__base__"`` through none. Equals running
     each row with its adapter active (PEFT's ``model(..., adapter_names=names)``); gradients flow to every
-    adapter used. On every device the reference runs (the base once for the whole batch, each adapter's
-    update on its own rows).
+    adapter used. On CUDA the plain LoRA adapters run through per-row Triton kernels in one pass
+    (``lora_core.lora.mixed``); DoRA adapters, dropout in effect and every adapter elsewhere take the
+    reference (the base once for the whole batch, each adapter's update on its own rows).
 
     Raises:
         ValueError: an unknown name (named); a merged model (unmerge first); TypeError: not a list of str.
