@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared command for a machine with a CUDA GPU: the GPU tests, then the kernel, layer and end-to-end
-# benchmarks, all within 8 minutes; results go to benchmarks/results/ (JSON + PNG per suite, and
+# One prepared command for a machine with a CUDA GPU: the GPU tests, then the kernel, layer, end-to-end and
+# mixed-adapter benchmarks, all within 8 minutes; results go to benchmarks/results/ (JSON + PNG per suite, and
 # gpu_check.log / gpu_check_summary.txt from this script). Installs nothing and reaches no network: it
 # uses the Python environment it finds (lora_core installed, with the test and hf extras).
 #
@@ -60,20 +60,24 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log it,
 "$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(), torch.__version__)' | tee -a "$SUMMARY"
 
 # 1. GPU tests: bf16 and large shapes, bit-exactness with FMA contraction possible (about 1 minute)
-step "pytest -m gpu" 120 bash -c "cd '$SCRATCH' && '$PYTHON' -m pytest -c '$ROOT/pyproject.toml' \
+step "pytest -m gpu" 110 bash -c "cd '$SCRATCH' && '$PYTHON' -m pytest -c '$ROOT/pyproject.toml' \
     --rootdir '$ROOT' -q -p no:cacheprovider -m gpu '$ROOT/tests'"
 
 # 2. Kernels vs cuBLAS bf16 and bitsandbytes: the shapes and M of issue 16's targets
-step "bench kernels" 150 bash -c "cd '$SCRATCH' && '$PYTHON' -m lora_core.cli bench kernels \
+step "bench kernels" 130 bash -c "cd '$SCRATCH' && '$PYTHON' -m lora_core.cli bench kernels \
     --shapes 8192x8192 28672x8192 --m 1 16 64 4096 --out '$RESULTS'"
 
 # 3. One LoRA / QLoRA / DoRA layer vs the frozen linear and PEFT
-step "bench layer" 60 bash -c "cd '$SCRATCH' && '$PYTHON' -m lora_core.cli bench layer \
+step "bench layer" 50 bash -c "cd '$SCRATCH' && '$PYTHON' -m lora_core.cli bench layer \
     --shapes 4096x4096 --m 4096 --dropout 0.0 --out '$RESULTS'"
 
 # 4. End-to-end QLoRA / LoRA training steps vs PEFT + bitsandbytes (random-weight Llama, no download)
-step "bench e2e" 140 bash -c "cd '$SCRATCH' && '$PYTHON' -m lora_core.cli bench e2e \
+step "bench e2e" 130 bash -c "cd '$SCRATCH' && '$PYTHON' -m lora_core.cli bench e2e \
     --steps 5 --warmup 2 --out '$RESULTS'"
+
+# 5. Mixed-adapter batches: 8 adapters, one per row, vs one adapter for the batch and PEFT's adapter_names
+step "bench mixed" 50 bash -c "cd '$SCRATCH' && '$PYTHON' -m lora_core.cli bench mixed --size full \
+    --out '$RESULTS'"
 
 echo "total $SECONDS s of ${BUDGET} s" | tee -a "$SUMMARY"
 exit "$failed"
