@@ -40,6 +40,18 @@ def parse_shape(text: str) -> tuple[int, int]:
     return n, k
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def write_json(path: Path, meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
     payload = {"meta": meta, "results": list(rows)}
     atomic_write_text(path, json.dumps(payload, indent=1) + "\n")

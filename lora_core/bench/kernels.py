@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lora_core.atomic import atomic_write
-from lora_core.bench.common import parse_shape, time_us, versions, write_json
+from lora_core.bench.common import parse_shape, pyplot, time_us, versions, write_json
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (8192, 8192), (28672, 8192), (11008, 4096), (4096, 11008)]
 M_VALUES: list[int] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -85,12 +85,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bool:
     """Speed-up over cuBLAS against M, one panel per (op, shape); returns False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     panels = sorted({(r["op"], r["n"], r["k"]) for r in rows if r["op"] != "dequantize"})
     if not panels:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lora_core.atomic import atomic_write
-from lora_core.bench.common import parse_shape, time_us, versions, write_json
+from lora_core.bench.common import parse_shape, pyplot, time_us, versions, write_json
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (11008, 4096)]  # (out, in)
 M_VALUES: list[int] = [4096, 16384]
@@ -176,12 +176,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     cases = sorted({(r["out"], r["in"], r["m"], r["dropout"]) for r in rows})
     timed = {r["variant"] for r in rows if "x_frozen" in r}

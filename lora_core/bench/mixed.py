@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from lora_core.atomic import atomic_write, atomic_write_text
-from lora_core.bench.common import time_us, versions, write_json
+from lora_core.bench.common import pyplot, time_us, versions, write_json
 from lora_core.bench.e2e import TARGET_MODULES, llama_config
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -201,12 +201,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(RATIOS)
