@@ -5,17 +5,25 @@ class or of state left behind by an earlier call:
 
 1. **A LoRA layer's forward** (`plan_lora`): the fused autograd Function (``lora_core.lora.fused``: one
    Function per layer, saving only ``x`` and ``xa``), or the reference formula (``lora_core.lora.functional``,
-   plain PyTorch ops). CUDA inputs take the fused path, everything else the reference; under autocast
-   the fused Function computes in autocast's dtype, as the reference's ops would.
+   plain PyTorch ops). CUDA inputs take the fused path; on other devices a LoRA (not DoRA) adapter takes
+   it when a gradient is wanted (training: the Function skips an autograd graph of ~8 nodes and two
+   (M, out) passes per layer, ~15% of a CPU LoRA layer's step), the reference otherwise (no_grad,
+   inference_mode, DoRA). Under autocast the fused Function computes in autocast's dtype, as the
+   reference's ops would.
 
-       reference   CPU / other devices; a merged layer; a base weight that trains; fused_mode("never")
-       fused       CUDA (or fused_mode("always"): how the tests check the fused math on CPU)
+       reference   CPU / other devices: without grad, or DoRA; a merged layer; a base weight that
+                   trains; fused_mode("never")
+       fused       CUDA; CPU / other devices: LoRA with grad enabled; fused_mode("always")
 
 2. **An NF4 product** ``x · dequant(q)ᵀ`` and its input gradient (`nf4_path`):
 
-       reference   not CUDA: ``lora_core.quant.nf4``'s references (dequantize, then matmul)
+       lookup      not CUDA: ``quant.nf4_lookup``'s byte-pair table dequantize (bit-identical to the
+                   reference's weight, in ~3 passes instead of ~7), then torch's matmul
        kernel      CUDA, M ≤ ``FUSED_MAX_M`` rows: the fused Triton kernel reads only packed bytes
        dequantize  CUDA, more rows: dequantize once (one streaming pass), then cuBLAS (tensor-core bound)
+
+   The lookup path computes exactly what ``quant.nf4``'s references compute (the same dense weight, the
+   same matmul), so on a CPU its results equal theirs bit for bit.
 
    The cross-over ``FUSED_MAX_M`` belongs to the kernels (``lora_core.kernels.FUSED_MAX_M``, read off
    ``lora-core bench``'s M sweep); this module only reads it.
@@ -31,10 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lora_core.kernels import FUSED_MAX_M  # a constant: importing it loads no Triton
-from lora_core.quant.nf4 import NF4Tensor, nf4_matmul_grad_ref, nf4_matmul_ref
+from lora_core.quant.nf4 import NF4Tensor
+from lora_core.quant.nf4_lookup import nf4_dequantize_lookup
 
 # ---- the LoRA layer: fused Function or reference -----------------------------------------------------
 
@@ -44,8 +54,9 @@ _mode = "auto"
 
 @contextlib.contextmanager
 def fused_mode(mode: str) -> Iterator[None]:
-    """Choose the path of ``LoRALinear.forward`` inside the block: ``"auto"`` (fused on CUDA, reference
-    elsewhere), ``"always"`` (fused on any device: how the tests check it on CPU) or ``"never"``."""
+    """Choose the path of ``LoRALinear.forward`` inside the block: ``"auto"`` (fused on CUDA, and
+    elsewhere when grad is enabled; else the reference), ``"always"`` (fused on any device, also without
+    grad) or ``"never"`` (the reference everywhere: how the tests compare the two on CPU)."""
     global _mode
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
@@ -81,7 +92,10 @@ def plan_lora(layer: Any, x: Tensor) -> LoraPlan:
     if _mode == "never":
         return reference('fused_mode("never")')
     if not (x.is_cuda or _mode == "always"):
-        return reference(f"{x.device.type} input")
+        if not torch.is_grad_enabled():
+            return reference(f"{x.device.type} input without grad")
+        if any(spec.use_dora for name, spec in layer.lora_specs.items() if name in layer.active_adapters):
+            return reference(f"DoRA on a {x.device.type} input")  # measured for LoRA only; DoRA stays exact
     if layer.merged:
         return reference("merged: the base alone")
     if not x.is_floating_point():
@@ -101,10 +115,10 @@ def plan_lora(layer: Any, x: Tensor) -> LoraPlan:
 
 
 def nf4_path(rows: int, device: torch.device) -> str:
-    """``"reference"``, ``"kernel"`` or ``"dequantize"`` for a product with ``rows`` rows of x on
-    ``device`` (module docstring)."""
+    """``"lookup"``, ``"kernel"`` or ``"dequantize"`` for a product with ``rows`` rows of x on ``device``
+    (module docstring)."""
     if device.type != "cuda":
-        return "reference"
+        return "lookup"
     return "kernel" if rows <= FUSED_MAX_M else "dequantize"
 
 
@@ -112,11 +126,18 @@ def _rows(t: Tensor) -> int:
     return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else 0
 
 
+def _dense(q: NF4Tensor, dtype: torch.dtype, path: str) -> Tensor:  # (out, in): a transient W, never kept
+    if path == "lookup":
+        return nf4_dequantize_lookup(q, dtype)
+    from lora_core.kernels import nf4_dequantize
+
+    return nf4_dequantize(q, dtype)
+
+
 def nf4_matmul(x: Tensor, q: NF4Tensor, bias: Tensor | None = None) -> Tensor:
     """``x · dequant(q)ᵀ (+ bias)``: x (..., in) → (..., out), in x's dtype."""
-    path = nf4_path(_rows(x), x.device)
-    if path == "reference":
-        return nf4_matmul_ref(x, q, bias)
+    if nf4_path(_rows(x), x.device) == "lookup":
+        return F.linear(x, nf4_dequantize_lookup(q, x.dtype), bias)  # = nf4_matmul_ref, bit for bit
     from lora_core.kernels import nf4_matmul as kernel  # the launcher applies the same cross-over
 
     return kernel(x, q, bias)
@@ -124,29 +145,27 @@ def nf4_matmul(x: Tensor, q: NF4Tensor, bias: Tensor | None = None) -> Tensor:
 
 def nf4_matmul_grad(grad_out: Tensor, q: NF4Tensor) -> Tensor:
     """``grad_out · dequant(q)``: (..., out) → (..., in), the input gradient of `nf4_matmul`."""
-    if nf4_path(_rows(grad_out), grad_out.device) == "reference":
-        return nf4_matmul_grad_ref(grad_out, q)
+    if nf4_path(_rows(grad_out), grad_out.device) == "lookup":
+        return grad_out @ nf4_dequantize_lookup(q, grad_out.dtype)  # = nf4_matmul_grad_ref, bit for bit
     from lora_core.kernels import nf4_matmul_grad as kernel
 
     return kernel(grad_out, q)
 
 
 def nf4_matmul_acc(out: Tensor, x: Tensor, q: NF4Tensor) -> Tensor:
-    """``out += x · dequant(q)ᵀ`` in place (x 2-D): for many rows the add rides in cuBLAS' epilogue."""
-    if nf4_path(x.shape[0], x.device) == "dequantize":
-        from lora_core.kernels import nf4_dequantize
-
-        return out.addmm_(x, nf4_dequantize(q, x.dtype).T)  # a transient W in x's dtype
-    return out.add_(nf4_matmul(x, q))
+    """``out += x · dequant(q)ᵀ`` in place (x 2-D): for many rows the add rides in the GEMM's epilogue."""
+    path = nf4_path(x.shape[0], x.device)
+    if path == "kernel":
+        return out.add_(nf4_matmul(x, q))
+    return out.addmm_(x, _dense(q, x.dtype, path).T)
 
 
 def nf4_matmul_grad_acc(out: Tensor, g: Tensor, q: NF4Tensor) -> Tensor:
     """``out += g · dequant(q)`` in place (g 2-D)."""
-    if nf4_path(g.shape[0], g.device) == "dequantize":
-        from lora_core.kernels import nf4_dequantize
-
-        return out.addmm_(g, nf4_dequantize(q, g.dtype))
-    return out.add_(nf4_matmul_grad(g, q))
+    path = nf4_path(g.shape[0], g.device)
+    if path == "kernel":
+        return out.add_(nf4_matmul_grad(g, q))
+    return out.addmm_(g, _dense(q, g.dtype, path))
 
 
 __all__ = [

@@ -6,11 +6,13 @@ and (DoRA) several full-size temporaries, and launches ~10 separate kernels. Her
     LoRA:   y = x W₀ᵀ + b + s · (drop(x) Aᵀ) Bᵀ                       xa := drop(x) Aᵀ   (M, r)
     DoRA:   y = x W₀ᵀ + b + (g − 1) ⊙ (drop(x) W₀ᵀ) + g ⊙ s · xa Bᵀ    g := m / ‖W₀ + sBA‖_row (detached)
 
-with the small products landing in the big output buffer (``addmm_``: cuBLAS reads the buffer in its
-epilogue while it is bound by the tensor cores, so the add costs no extra pass)::
+with the small products landing in the big output buffer (``addmm_``: the GEMM adds into the buffer in
+its epilogue, so the add costs no pass of its own)::
 
-    out  = xa (s·B)ᵀ + b          (M, out)   skinny GEMM, writes the buffer
-    out += x W₀ᵀ                  (M, out)   the frozen GEMM with beta = 1 (dense: cuBLAS; NF4: base op)
+    LoRA:  out  = x W₀ᵀ + b        (M, out)   the frozen GEMM: the base module's own output, bit for bit
+           out += xa (s·B)ᵀ        (M, out)   skinny GEMM with beta = 1 (B = 0 adds exactly nothing)
+    DoRA:  out  = xa (s·B)ᵀ        (M, out)   skinny GEMM, writes the buffer
+           out += x W₀ᵀ            (M, out)   the frozen GEMM with beta = 1 (dense: BLAS; NF4: base op)
 
 **Backward** (G = ∂L/∂y, (M, out); mask' = mask / (1 − p), the Bernoulli(1 − p) mask of dropout)::
 
@@ -116,8 +118,8 @@ class LoRALinearFunction(torch.autograd.Function):
         del xd
         bs = (lora_B * s).to(dt)  # (out, r): s rides on the small operand
         b = None if bias is None else bias.to(dt)
-        out = xa @ bs.T if b is None else torch.addmm(b, xa, bs.T)  # (M, out) = s·xa Bᵀ + b
-        spec.base.matmul_acc(out, x2)  # out += x W₀ᵀ
+        out = spec.base.forward(x2, b)  # (M, out) = x W₀ᵀ + b, exactly the base module's output
+        out.addmm_(xa, bs.T)  # += s·xa Bᵀ   (B = 0 leaves the base output bit for bit)
         ctx.save_for_backward(x2, xa, lora_A, lora_B)
         ctx.spec, ctx.bias_dtype, ctx.x_shape = spec, None if bias is None else bias.dtype, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])  # (..., out)
