@@ -102,6 +102,11 @@ def write_checkpoint(spec: dict[str, Any], folder: Path, device: torch.device, s
 # ----------------------------------------------------------------------------- the four ways to train
 
 
+def model_dtype(spec: dict[str, Any]) -> torch.dtype:
+    """The dtype every case loads (and bitsandbytes computes) in: ``spec["dtype"]``, bfloat16 by default."""
+    return getattr(torch, spec.get("dtype", "bfloat16"))
+
+
 def _lora_core_model(ckpt: Path, spec: dict[str, Any], args: argparse.Namespace, device: torch.device,
                      quantize: bool) -> tuple[nn.Module, Callable[..., torch.Tensor]]:  # fmt: skip
     from transformers import LlamaForCausalLM
@@ -110,11 +115,12 @@ def _lora_core_model(ckpt: Path, spec: dict[str, Any], args: argparse.Namespace,
 
     cfg = LoraConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=TARGET_MODULES,
                      quantize="nf4" if quantize else "none")  # fmt: skip
+    dtype = model_dtype(spec)
     if quantize:  # dense weights stay on the CPU; each layer is moved, quantized on the GPU, the next...
-        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype)
         apply_lora(model, cfg, device=device)
     else:
-        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map={"": device})
+        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map={"": device})
         apply_lora(model, cfg)
     if spec["grad_ckpt"]:
         _checkpointing(model, {"use_reentrant": False})  # non-reentrant: no input-requires-grad hook
@@ -131,17 +137,18 @@ def _peft_model(ckpt: Path, spec: dict[str, Any], args: argparse.Namespace, devi
     import peft
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    if quantize:  # the QLoRA recipe of PEFT's docs
+    dtype = model_dtype(spec)
+    if quantize:  # the QLoRA recipe of PEFT's docs (compute dtype: the model's)
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-        model = LlamaForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=torch.bfloat16,
+                                 bnb_4bit_compute_dtype=dtype)  # fmt: skip
+        model = LlamaForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=dtype,
                                                  device_map={"": device})  # fmt: skip
         if prepare:
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["grad_ckpt"])
         elif spec["grad_ckpt"]:
             _checkpointing(model, None)
     else:
-        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map={"": device})
+        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map={"": device})
         if spec["grad_ckpt"]:
             _checkpointing(model, None)  # transformers' default kwargs, what a PEFT user gets
     cfg = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
@@ -181,14 +188,14 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _dtype_of(model: nn.Module, suffix: str) -> str | None:
+def param_dtype(model: nn.Module, suffix: str) -> str | None:
     for name, p in model.named_parameters():
         if name.endswith(suffix):
             return str(p.dtype).replace("torch.", "")
     return None
 
 
-def _step(model: nn.Module, loss_fn: Callable[..., torch.Tensor], opt: torch.optim.Optimizer,
+def train_step(model: nn.Module, loss_fn: Callable[..., torch.Tensor], opt: torch.optim.Optimizer,
           ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """One plain training step: forward, loss, backward, AdamW step, zero_grad. Returns the loss."""
     loss = loss_fn(model, ids)
@@ -198,7 +205,7 @@ def _step(model: nn.Module, loss_fn: Callable[..., torch.Tensor], opt: torch.opt
     return loss.detach()
 
 
-def _profile_steps(step: Callable[[int], Any], cuda: bool, path: Path) -> dict[str, Any]:
+def profile_steps(step: Callable[[int], Any], cuda: bool, path: Path) -> dict[str, Any]:
     """Run two steps under ``torch.profiler``; write the top-30 operator table to ``path``; return the
     wall time and the summed device-kernel time per step (kernel time ≪ wall time: launch-bound)."""
     from torch.profiler import ProfilerActivity, profile
@@ -222,19 +229,28 @@ def _profile_steps(step: Callable[[int], Any], cuda: bool, path: Path) -> dict[s
             else kernel_us / 1e3, "table": path.name}  # fmt: skip
 
 
+def build_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namespace, device: torch.device,
+               ) -> tuple[nn.Module, Callable[..., torch.Tensor], torch.optim.Optimizer, list[nn.Parameter],
+                          float]:  # fmt: skip
+    """Case ``key``'s model (training mode), loss, AdamW over its trainable parameters, those parameters and
+    the seconds loading took."""
+    t0 = time.perf_counter()
+    model, loss_fn = BUILDERS[key](ckpt, spec, args, device)
+    load_s = time.perf_counter() - t0
+    model.train()  # from_pretrained returns eval mode; checkpointing only acts in training
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=device.type == "cuda")
+    return model, loss_fn, opt, params, load_s
+
+
 def run_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namespace, device: torch.device,
              batches: Sequence[torch.Tensor]) -> dict[str, Any]:  # fmt: skip
     """Load a fresh model, train ``warmup + steps`` steps; tokens/s, peak memory, losses."""
     cuda = device.type == "cuda"
     _free(device)
     start_alloc = torch.cuda.memory_allocated() if cuda else 0
-    t0 = time.perf_counter()
-    model, loss_fn = BUILDERS[key](ckpt, spec, args, device)
-    load_s = time.perf_counter() - t0
+    model, loss_fn, opt, params, load_s = build_case(key, ckpt, spec, args, device)
     load_peak = torch.cuda.max_memory_allocated() if cuda else None
-    model.train()  # from_pretrained returns eval mode; checkpointing only acts in training
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, fused=cuda)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -249,7 +265,7 @@ def run_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namespac
         t_step = time.perf_counter()
         if ev:
             ev[0].record()
-        loss = _step(model, loss_fn, opt, ids)
+        loss = train_step(model, loss_fn, opt, ids)
         losses.append(loss)
         if ev:
             ev[1].record()
@@ -261,7 +277,7 @@ def run_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namespac
     elapsed = time.perf_counter() - t_start
     profile = None
     if args.profile:  # two more steps under the profiler: where the time goes (not in the numbers above)
-        profile = _profile_steps(lambda i: _step(model, loss_fn, opt, batches[i % len(batches)]), cuda,
+        profile = profile_steps(lambda i: train_step(model, loss_fn, opt, batches[i % len(batches)]), cuda,
                                  args.out / f"bench_e2e_{args.case_name}_profile_{key}.txt")  # fmt: skip
     step_ms = [e[0].elapsed_time(e[1]) if cuda else 1e3 * e for e in events][args.warmup :]
     tokens = args.steps * batches[0].numel()
@@ -274,9 +290,9 @@ def run_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namespac
         "trainable_params": sum(p.numel() for p in params),
         "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
         "profile": profile,
-        "dtypes": {"embed": _dtype_of(model, "embed_tokens.weight"),
-                   "lm_head": _dtype_of(model, "lm_head.weight"),
-                   "final_norm": _dtype_of(model, "model.norm.weight")},  # prepare_model_... casts to fp32
+        "dtypes": {"embed": param_dtype(model, "embed_tokens.weight"),
+                   "lm_head": param_dtype(model, "lm_head.weight"),
+                   "final_norm": param_dtype(model, "model.norm.weight")},  # prepare_model_... casts to fp32
     }  # fmt: skip
     return row  # the model dies with this frame; the next case's `_free` returns its memory
 
@@ -288,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--case", choices=["default", "7b"], default="default", help="model size (see module doc)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer hidden-64 model (smoke test)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu needs --tiny")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu needs --tiny or --model")
+    p.add_argument("--model", choices=["smollm2", "tiny"], default=None,
+                   help="CPU only: the real SmolLM2-135M (float32, batch 4×128), or a tiny random Llama; "
+                   "each case in its own process, rounds interleaved (lora_core.bench.e2e_cpu)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=5, help="--model: interleaved rounds (--steps over them)")
+    p.add_argument("--threads", type=int, default=None, help="--model: torch threads per case (default all)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=["a", "b", "c", "d"])
     p.add_argument("--steps", type=int, default=10, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernels compile, AdamW state)")
@@ -304,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _meta(case: str, spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def meta(case: str, spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     meta_versions = versions()
     for pkg in ("transformers", "peft", "accelerate"):
         try:
@@ -317,17 +338,50 @@ def _meta(case: str, spec: dict[str, Any], args: argparse.Namespace, device: tor
         "device": name, "versions": meta_versions, "case": case, "model": spec,
         "target_modules": TARGET_MODULES,
         "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "lr": args.lr, "optimizer": "AdamW",
-        "steps": args.steps, "warmup": args.warmup, "loss_chunk": args.loss_chunk, "dtype": "bfloat16",
+        "steps": args.steps, "warmup": args.warmup, "loss_chunk": args.loss_chunk,
+        "dtype": str(model_dtype(spec)).removeprefix("torch."),
         "timer": "perf_counter between cuda.synchronize() over the timed steps; per-step CUDA events",
         "memory": "torch.cuda.max_memory_allocated, reset after loading, read after the last step",
         "reference_h100": H100_REFERENCE.get(case), "cases": {k: CASES[k] for k in args.cases},
     }  # fmt: skip
 
 
+def quiet_libraries() -> None:
+    """No progress bars, info logs or FutureWarnings from transformers in the benchmark's output."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _run_cpu_model(args: argparse.Namespace) -> int:
+    """``--model``: the per-process, interleaved CPU harness (``lora_core.bench.e2e_cpu``)."""
+    problems = [msg for bad, msg in (
+        (args.device != "cpu", "--model runs on the CPU: add --device cpu"),
+        (args.tiny, "--model and --tiny are two different runs; give one"),
+        (args.rounds < 1 or args.steps < args.rounds, "--rounds must be ≥ 1 and --steps ≥ --rounds"),
+        (args.warmup < 1, "--warmup must be ≥ 1"),
+        (args.threads is not None and args.threads < 1, "--threads must be ≥ 1"),
+    ) if bad]  # fmt: skip
+    if problems:
+        print(f"bench_e2e: {problems[0]}", file=sys.stderr)
+        return 2
+    from lora_core.bench import e2e_cpu  # it imports this module: imported here, not at the top
+
+    quiet_libraries()
+    args.case_name, args.steps_per_round = args.model, args.steps // args.rounds
+    args.steps = args.steps_per_round * args.rounds
+    return e2e_cpu.run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model is not None:
+        return _run_cpu_model(args)
     if args.device == "cpu" and not args.tiny:
-        print("bench_e2e: --device cpu runs only the --tiny smoke configuration", file=sys.stderr)
+        print("bench_e2e: --device cpu runs the --tiny smoke configuration or a --model "
+              "(smollm2: the real SmolLM2-135M)", file=sys.stderr)  # fmt: skip
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_e2e: needs a CUDA GPU (torch.cuda.is_available() is False); nothing timed. "
@@ -336,11 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 1:
         print("bench_e2e: --steps and --warmup must be ≥ 1", file=sys.stderr)
         return 2
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     case = args.case_name = "tiny" if args.tiny else args.case
     spec, device = MODELS[case], torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -365,15 +415,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ckpt_dir is None:
             shutil.rmtree(ckpt, ignore_errors=True)
     checks = evaluate_targets(case, rows)
-    meta = _meta(case, spec, args, device)
-    meta.update(targets=checks, loss_agreement=loss_agreement(rows),
+    info = meta(case, spec, args, device)
+    info.update(targets=checks, loss_agreement=loss_agreement(rows),
                 ran=[r["case"] for r in rows if r["ran"]],
                 skipped={r["case"]: r["skipped"] for r in rows if not r["ran"]})  # fmt: skip
     json_path, png_path = args.out / f"bench_e2e_{case}.json", args.out / f"bench_e2e_{case}.png"
-    write_json(json_path, meta, rows)
-    plotted = plot(png_path, case, rows, meta)
+    write_json(json_path, info, rows)
+    plotted = plot(png_path, case, rows, info)
     print(format_table(case, rows, checks))
-    print(f"loss₀ agreement: {meta['loss_agreement']}")
+    print(f"loss₀ agreement: {info['loss_agreement']}")
     print(f"wrote {json_path}" + (f" and {png_path.name}" if plotted else ""))
     return 0 if all(r["ran"] for r in rows) else 1
 
