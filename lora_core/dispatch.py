@@ -28,6 +28,9 @@ class or of state left behind by an earlier call:
    The cross-over ``FUSED_MAX_M`` belongs to the kernels (``lora_core.kernels.FUSED_MAX_M``, read off
    ``lora-core bench``'s M sweep); this module only reads it.
 
+3. **The fused path's dense GEMMs** (`linear`, `mm`): oneDNN for float32 on a CPU (faster than the MKL
+   sgemm torch calls there, equal within float32 tolerance), ``F.linear`` / ``@`` elsewhere.
+
 Triton is imported lazily: only a CUDA call reaches ``lora_core.kernels``' launchers.
 """
 
@@ -168,9 +171,66 @@ def nf4_matmul_grad_acc(out: Tensor, g: Tensor, q: NF4Tensor) -> Tensor:
     return out.addmm_(g, _dense(q, g.dtype, path))
 
 
+# ---- 3. the fused path's dense GEMMs: oneDNN for float32 on a CPU ------------------------------------------
+
+
+def _onednn_linear() -> Any:
+    """oneDNN's matmul as Inductor calls it (``mkldnn::_linear_pointwise``), or None without it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x wᵀ + bias`` (F.linear's value) for 2-D ``x`` (M, in) and ``w`` (out, in), any strides: the dense
+    GEMMs of the fused LoRA Function and of the chunked loss.
+
+    float32 CPU tensors go through oneDNN's matmul, which measured 1.15–1.6× MKL's sgemm (what ``F.linear``
+    calls) with 2 threads on the AMD EPYC this project runs on, for SmolLM2's shapes; everything else
+    through ``F.linear``. The two sum in different orders: equal within float32 tolerance, not bit for bit
+    (tests/test_cpu_gemm.py). The reference path keeps ``F.linear``.
+    """
+    if (
+        _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+        and x.dim() == 2 and w.dim() == 2 and x.numel() > 0 and w.numel() > 0
+        and x.is_contiguous()  # oneDNN's wrapper copies a strided x (a strided w it reads in place)
+        and (bias is None or bias.dtype == torch.float32)
+    ):  # fmt: skip
+        return _ONEDNN_LINEAR(x, w, bias, "none", [], "")  # (M, out)
+    return F.linear(x, w, bias)
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for 2-D tensors, as `linear` computes it: (M, K) @ (K, N) → (M, N)."""
+    return linear(a, b.T)
+
+
+def nf4_linear(x: Tensor, q: NF4Tensor, bias: Tensor | None = None) -> Tensor:
+    """The fused path's ``x · dequant(q)ᵀ + bias`` (x 2-D): the lookup dequantize and `linear` off CUDA,
+    `nf4_matmul` on CUDA."""
+    if nf4_path(x.shape[0], x.device) == "lookup":
+        return linear(x, nf4_dequantize_lookup(q, x.dtype), bias)
+    return nf4_matmul(x, q, bias)
+
+
+def nf4_linear_grad(g: Tensor, q: NF4Tensor) -> Tensor:
+    """The fused path's ``g · dequant(q)`` (g 2-D), as `nf4_linear` computes its forward."""
+    if nf4_path(g.shape[0], g.device) == "lookup":
+        return mm(g, nf4_dequantize_lookup(q, g.dtype))
+    return nf4_matmul_grad(g, q)
+
+
 __all__ = [
     "LoraPlan",
     "fused_mode",
+    "linear",
+    "mm",
+    "nf4_linear",
+    "nf4_linear_grad",
     "nf4_matmul",
     "nf4_matmul_acc",
     "nf4_matmul_grad",

@@ -56,7 +56,9 @@ def test_zero_b_gives_the_base_output_exactly(case, dora):
     base, r, alpha, rslora, x, _ = case
     expected = base(x)
     layer = LoRALinear.from_linear(base, r=r, alpha=alpha, use_rslora=rslora, use_dora=dora)
-    assert torch.equal(layer(x), expected)
+    with fused_mode("never"):  # the reference adds exactly 0 to the base module's own output
+        assert torch.equal(layer(x), expected)
+    assert_close(layer(x), expected)  # the default (fused on a float32 CPU: oneDNN's GEMM order)
 
 
 @given(layer_case())
@@ -195,7 +197,9 @@ def test_conv1d_fan_in_fan_out():
     y0 = conv(x).detach()
     layer = LoRALinear.from_linear(conv, r=2, alpha=4.0, fan_in_fan_out=True)
     assert layer.weight.shape == (10, 6) and (layer.in_features, layer.out_features) == (10, 6)
-    assert torch.equal(layer(x), y0)
+    with fused_mode("never"):
+        assert torch.equal(layer(x), y0)  # Conv1D's own formula, bit for bit
+    assert_close(layer(x).detach(), y0)
     nn.init.normal_(layer.lora_B.weight)
     w = conv.weight.detach().T  # (out, in)
     expected = lora_linear_ref(

