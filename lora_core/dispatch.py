@@ -189,10 +189,10 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x wᵀ + bias`` (F.linear's value) for 2-D ``x`` (M, in) and ``w`` (out, in), any strides: the dense
     GEMMs of the fused LoRA Function and of the chunked loss.
 
-    float32 CPU tensors go through oneDNN's matmul, which measured 1.15–1.6× MKL's sgemm (what ``F.linear``
-    calls) with 2 threads on the AMD EPYC this project runs on, for SmolLM2's shapes; everything else
-    through ``F.linear``. The two sum in different orders: equal within float32 tolerance, not bit for bit
-    (tests/test_cpu_gemm.py). The reference path keeps ``F.linear``.
+    float32 CPU tensors go through oneDNN's matmul, which measured 1.0–1.5× the speed of MKL's sgemm (what
+    ``F.linear`` calls; ≈ 1.1× in the quietest runs) with 2 threads on the shared AMD EPYC this project runs
+    on, for SmolLM2's shapes; everything else through ``F.linear``. The two sum in different orders: equal
+    within float32 tolerance, not bit for bit (tests/test_cpu_gemm.py). The reference path keeps ``F.linear``.
     """
     if (
         _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32

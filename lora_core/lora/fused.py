@@ -17,7 +17,7 @@ its epilogue, so the add costs no pass of its own)::
 **Backward** (G = ∂L/∂y, (M, out); mask' = mask / (1 − p), the Bernoulli(1 − p) mask of dropout)::
 
     LoRA
-    ∂L/∂x  = G W₀ + s · ((G B) A) ⊙ mask'          (M, in)    t = (G·sB) A;  t ⊙= mask';  t += G W₀
+    ∂L/∂x  = G W₀ + s · ((G B) A) ⊙ mask'          (M, in)    t = G W₀;  t += (G·sB) A  (⊙ mask')
     ∂L/∂A  = s · (G B)ᵀ drop(x)                     (r, in)    drop(x) = x ⊙ mask', regenerated
     ∂L/∂B  = s · Gᵀ xa                              (out, r)   xa is saved
     ∂L/∂b  = Σ_rows G                               (out,)
