@@ -5,11 +5,15 @@ class or of state left behind by an earlier call:
 
 1. **A LoRA layer's forward** (`plan_lora`): the fused autograd Function (``lora_core.lora.fused``: one
    Function per layer, saving only ``x`` and ``xa``), or the reference formula (``lora_core.lora.functional``,
-   plain PyTorch ops). CUDA inputs take the fused path, everything else the reference; under autocast
-   the fused Function computes in autocast's dtype, as the reference's ops would.
+   plain PyTorch ops). CUDA inputs take the fused path; on other devices a LoRA (not DoRA) adapter takes
+   it when a gradient is wanted (training: the Function skips an autograd graph of ~8 nodes and two
+   (M, out) passes per layer, ~15% of a CPU LoRA layer's step), the reference otherwise (no_grad,
+   inference_mode, DoRA). Under autocast the fused Function computes in autocast's dtype, as the
+   reference's ops would.
 
-       reference   CPU / other devices; a merged layer; a base weight that trains; fused_mode("never")
-       fused       CUDA (or fused_mode("always"): how the tests check the fused math on CPU)
+       reference   CPU / other devices: without grad, or DoRA; a merged layer; a base weight that
+                   trains; fused_mode("never")
+       fused       CUDA; CPU / other devices: LoRA with grad enabled; fused_mode("always")
 
    A **mixed batch** (``lc.mixed_adapters``, `plan_mixed`): where `plan_lora` says fused and the compute
    dtype is fp16/bf16/fp32, the per-row Triton kernels (``lora_core.lora.mixed``) apply every LoRA
@@ -19,12 +23,19 @@ class or of state left behind by an earlier call:
 
 2. **An NF4 product** ``x · dequant(q)ᵀ`` and its input gradient (`nf4_path`):
 
-       reference   not CUDA: ``lora_core.quant.nf4``'s references (dequantize, then matmul)
+       lookup      not CUDA: ``quant.nf4_lookup``'s byte-pair table dequantize (bit-identical to the
+                   reference's weight, in ~3 passes instead of ~7), then torch's matmul
        kernel      CUDA, M ≤ ``FUSED_MAX_M`` rows: the fused Triton kernel reads only packed bytes
        dequantize  CUDA, more rows: dequantize once (one streaming pass), then cuBLAS (tensor-core bound)
 
+   The lookup path computes exactly what ``quant.nf4``'s references compute (the same dense weight, the
+   same matmul), so on a CPU its results equal theirs bit for bit.
+
    The cross-over ``FUSED_MAX_M`` belongs to the kernels (``lora_core.kernels.FUSED_MAX_M``, read off
    ``lora-core bench``'s M sweep); this module only reads it.
+
+3. **The fused path's dense GEMMs** (`linear`, `mm`): oneDNN for float32 on a CPU (faster than the MKL
+   sgemm torch calls there, equal within float32 tolerance), ``F.linear`` / ``@`` elsewhere.
 
 Triton is imported lazily: only a CUDA call reaches ``lora_core.kernels``' launchers.
 """
@@ -37,10 +48,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lora_core.kernels import FUSED_MAX_M, MIXED_MAX_R, interpreter_active  # these load no Triton
-from lora_core.quant.nf4 import NF4Tensor, nf4_matmul_grad_ref, nf4_matmul_ref
+from lora_core.quant.nf4 import NF4Tensor
+from lora_core.quant.nf4_lookup import nf4_dequantize_lookup
 
 # ---- the LoRA layer: fused Function or reference -----------------------------------------------------
 
@@ -50,8 +63,9 @@ _mode = "auto"
 
 @contextlib.contextmanager
 def fused_mode(mode: str) -> Iterator[None]:
-    """Choose the path of ``LoRALinear.forward`` inside the block: ``"auto"`` (fused on CUDA, reference
-    elsewhere), ``"always"`` (fused on any device: how the tests check it on CPU) or ``"never"``."""
+    """Choose the path of ``LoRALinear.forward`` inside the block: ``"auto"`` (fused on CUDA, and
+    elsewhere when grad is enabled; else the reference), ``"always"`` (fused on any device, also without
+    grad) or ``"never"`` (the reference everywhere: how the tests compare the two on CPU)."""
     global _mode
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
@@ -87,7 +101,10 @@ def plan_lora(layer: Any, x: Tensor) -> LoraPlan:
     if _mode == "never":
         return reference('fused_mode("never")')
     if not (x.is_cuda or _mode == "always"):
-        return reference(f"{x.device.type} input")
+        if not torch.is_grad_enabled():
+            return reference(f"{x.device.type} input without grad")
+        if any(spec.use_dora for name, spec in layer.lora_specs.items() if name in layer.active_adapters):
+            return reference(f"DoRA on a {x.device.type} input")  # measured for LoRA only; DoRA stays exact
     if layer.merged:
         return reference("merged: the base alone")
     if not x.is_floating_point():
@@ -114,8 +131,8 @@ def plan_mixed(layer: Any, x: Tensor) -> LoraPlan:
         return plan
     if plan.dtype not in MIXED_DTYPES:
         return LoraPlan("reference", None, f"the per-row kernels compute in fp16/bf16/fp32, not {plan.dtype}")
-    if not x.is_cuda and not interpreter_active():
-        return LoraPlan("reference", None, "the per-row kernels need CUDA (or TRITON_INTERPRET=1)")
+    if not x.is_cuda and not (interpreter_active() and _mode == "always"):  # a CPU's fused LoRA is not Triton
+        return LoraPlan("reference", None, "the per-row kernels need CUDA (or TRITON_INTERPRET=1 and 'always')")
     return LoraPlan("kernel", plan.dtype, "per-row kernels")
 
 
@@ -123,10 +140,10 @@ def plan_mixed(layer: Any, x: Tensor) -> LoraPlan:
 
 
 def nf4_path(rows: int, device: torch.device) -> str:
-    """``"reference"``, ``"kernel"`` or ``"dequantize"`` for a product with ``rows`` rows of x on
-    ``device`` (module docstring)."""
+    """``"lookup"``, ``"kernel"`` or ``"dequantize"`` for a product with ``rows`` rows of x on ``device``
+    (module docstring)."""
     if device.type != "cuda":
-        return "reference"
+        return "lookup"
     return "kernel" if rows <= FUSED_MAX_M else "dequantize"
 
 
@@ -134,11 +151,18 @@ def _rows(t: Tensor) -> int:
     return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else 0
 
 
+def _dense(q: NF4Tensor, dtype: torch.dtype, path: str) -> Tensor:  # (out, in): a transient W, never kept
+    if path == "lookup":
+        return nf4_dequantize_lookup(q, dtype)
+    from lora_core.kernels import nf4_dequantize
+
+    return nf4_dequantize(q, dtype)
+
+
 def nf4_matmul(x: Tensor, q: NF4Tensor, bias: Tensor | None = None) -> Tensor:
     """``x · dequant(q)ᵀ (+ bias)``: x (..., in) → (..., out), in x's dtype."""
-    path = nf4_path(_rows(x), x.device)
-    if path == "reference":
-        return nf4_matmul_ref(x, q, bias)
+    if nf4_path(_rows(x), x.device) == "lookup":
+        return F.linear(x, nf4_dequantize_lookup(q, x.dtype), bias)  # = nf4_matmul_ref, bit for bit
     from lora_core.kernels import nf4_matmul as kernel  # the launcher applies the same cross-over
 
     return kernel(x, q, bias)
@@ -146,35 +170,90 @@ def nf4_matmul(x: Tensor, q: NF4Tensor, bias: Tensor | None = None) -> Tensor:
 
 def nf4_matmul_grad(grad_out: Tensor, q: NF4Tensor) -> Tensor:
     """``grad_out · dequant(q)``: (..., out) → (..., in), the input gradient of `nf4_matmul`."""
-    if nf4_path(_rows(grad_out), grad_out.device) == "reference":
-        return nf4_matmul_grad_ref(grad_out, q)
+    if nf4_path(_rows(grad_out), grad_out.device) == "lookup":
+        return grad_out @ nf4_dequantize_lookup(q, grad_out.dtype)  # = nf4_matmul_grad_ref, bit for bit
     from lora_core.kernels import nf4_matmul_grad as kernel
 
     return kernel(grad_out, q)
 
 
 def nf4_matmul_acc(out: Tensor, x: Tensor, q: NF4Tensor) -> Tensor:
-    """``out += x · dequant(q)ᵀ`` in place (x 2-D): for many rows the add rides in cuBLAS' epilogue."""
-    if nf4_path(x.shape[0], x.device) == "dequantize":
-        from lora_core.kernels import nf4_dequantize
-
-        return out.addmm_(x, nf4_dequantize(q, x.dtype).T)  # a transient W in x's dtype
-    return out.add_(nf4_matmul(x, q))
+    """``out += x · dequant(q)ᵀ`` in place (x 2-D): for many rows the add rides in the GEMM's epilogue."""
+    path = nf4_path(x.shape[0], x.device)
+    if path == "kernel":
+        return out.add_(nf4_matmul(x, q))
+    return out.addmm_(x, _dense(q, x.dtype, path).T)
 
 
 def nf4_matmul_grad_acc(out: Tensor, g: Tensor, q: NF4Tensor) -> Tensor:
     """``out += g · dequant(q)`` in place (g 2-D)."""
-    if nf4_path(g.shape[0], g.device) == "dequantize":
-        from lora_core.kernels import nf4_dequantize
+    path = nf4_path(g.shape[0], g.device)
+    if path == "kernel":
+        return out.add_(nf4_matmul_grad(g, q))
+    return out.addmm_(g, _dense(q, g.dtype, path))
 
-        return out.addmm_(g, nf4_dequantize(q, g.dtype))
-    return out.add_(nf4_matmul_grad(g, q))
+
+# ---- 3. the fused path's dense GEMMs: oneDNN for float32 on a CPU ------------------------------------------
+
+
+def _onednn_linear() -> Any:
+    """oneDNN's matmul as Inductor calls it (``mkldnn::_linear_pointwise``), or None without it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x wᵀ + bias`` (F.linear's value) for 2-D ``x`` (M, in) and ``w`` (out, in), any strides: the dense
+    GEMMs of the fused LoRA Function and of the chunked loss.
+
+    float32 CPU tensors go through oneDNN's matmul, which measured 1.0–1.5× the speed of MKL's sgemm (what
+    ``F.linear`` calls; ≈ 1.1× in the quietest runs) with 2 threads on the shared AMD EPYC this project runs
+    on, for SmolLM2's shapes; everything else through ``F.linear``. The two sum in different orders: equal
+    within float32 tolerance, not bit for bit (tests/test_cpu_gemm.py). The reference path keeps ``F.linear``.
+    """
+    if (
+        _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+        and x.dim() == 2 and w.dim() == 2 and x.numel() > 0 and w.numel() > 0
+        and x.is_contiguous()  # oneDNN's wrapper copies a strided x (a strided w it reads in place)
+        and (bias is None or bias.dtype == torch.float32)
+    ):  # fmt: skip
+        return _ONEDNN_LINEAR(x, w, bias, "none", [], "")  # (M, out)
+    return F.linear(x, w, bias)
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for 2-D tensors, as `linear` computes it: (M, K) @ (K, N) → (M, N)."""
+    return linear(a, b.T)
+
+
+def nf4_linear(x: Tensor, q: NF4Tensor, bias: Tensor | None = None) -> Tensor:
+    """The fused path's ``x · dequant(q)ᵀ + bias`` (x 2-D): the lookup dequantize and `linear` off CUDA,
+    `nf4_matmul` on CUDA."""
+    if nf4_path(x.shape[0], x.device) == "lookup":
+        return linear(x, nf4_dequantize_lookup(q, x.dtype), bias)
+    return nf4_matmul(x, q, bias)
+
+
+def nf4_linear_grad(g: Tensor, q: NF4Tensor) -> Tensor:
+    """The fused path's ``g · dequant(q)`` (g 2-D), as `nf4_linear` computes its forward."""
+    if nf4_path(g.shape[0], g.device) == "lookup":
+        return mm(g, nf4_dequantize_lookup(q, g.dtype))
+    return nf4_matmul_grad(g, q)
 
 
 __all__ = [
     "MIXED_MAX_R",  # read by the layer: adapters of a higher rank take the reference
     "LoraPlan",
     "fused_mode",
+    "linear",
+    "mm",
+    "nf4_linear",
+    "nf4_linear_grad",
     "nf4_matmul",
     "nf4_matmul_acc",
     "nf4_matmul_grad",

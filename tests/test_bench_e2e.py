@@ -56,6 +56,50 @@ def test_cpu_tiny_smoke_run_writes_json_and_png(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*"))  # no temp files left behind
 
 
+def test_cpu_harness_runs_each_case_in_its_own_process_and_writes_json(tmp_path: Path) -> None:
+    """``--device cpu --model tiny``: the real-model CPU harness (one process per case, interleaved rounds,
+    peak RSS per process) on the 2-layer random Llama; the JSON holds what the report needs."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--model", "tiny", "--steps", "2", "--rounds", "2",
+         "--warmup", "1", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    data = json.loads((tmp_path / "bench_e2e_tiny.json").read_text())
+    meta, rows = data["meta"], data["results"]
+    assert meta["case"] == "tiny" and meta["device"].startswith("CPU") and meta["dtype"] == "float32"
+    assert (meta["rounds"], meta["steps_per_round"], meta["steps"], meta["threads"]) == (2, 1, 2, 1)
+    assert len(meta["load_average_before"]) == 3 and meta["targets"] == []
+    by = {r["case"]: r for r in rows}
+    assert list(by) == ["a", "b", "c", "d"]
+    must_run = ["a", "c", "d"] + (["b"] if _bnb_cpu() else [])
+    assert set(must_run) <= set(meta["ran"]), (meta["skipped"], proc.stderr[-2000:])
+    assert proc.returncode == (0 if len(meta["ran"]) == 4 else 1), proc.stderr[-2000:]
+    for key in meta["ran"]:
+        r = by[key]
+        assert r["threads"] == 1 and len(r["step_ms"]) == 2 and len(r["tokens_per_s_rounds"]) == 2
+        assert r["tokens_per_s"] > 0 and r["tokens_per_s_min"] <= r["tokens_per_s_max"]
+        assert 0 < r["rss_after_load_gib"] <= r["peak_gib"] < 64  # the process's own resident set, in GiB
+        assert r["cpu_s_per_step_median"] > 0 and r["dtypes"]["lm_head"] == "float32"
+        assert math.isfinite(r["loss_first"]) and abs(r["loss_first"] - math.log(512)) < 1.0
+        assert r["trainable_params"] == by["a"]["trainable_params"]
+    assert meta["loss_agreement"]["c_vs_d"] < 1e-3  # float32: the same model, batches and (zero-B) adapters
+    assert meta["ratios"]["c_over_d"]["min_round"] <= meta["ratios"]["c_over_d"]["max_round"]
+    if "b" in meta["ran"]:
+        assert meta["loss_agreement"]["a_vs_b"] < 1e-3  # bitsandbytes' NF4 bytes are ours
+    assert (tmp_path / "bench_e2e_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "a/b" in proc.stdout and "wrote" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_e2e_tiny.json", "bench_e2e_tiny.png"]
+
+
+def test_targets_smollm2_cpu_case() -> None:
+    rows = [_row("a", 120, 1.9), _row("b", 100, 2.5), _row("c", 111, 1.9), _row("d", 100, 2.4)]
+    assert [c["passed"] for c in bench_e2e.evaluate_targets("smollm2", rows)] == [True, True, True, True]
+    rows = [_row("a", 119, 1.9), _row("b", 100, 2.5), _row("c", 120, 2.5), _row("d", 100, 2.4)]
+    assert [c["passed"] for c in bench_e2e.evaluate_targets("smollm2", rows)] == [False, True, True, False]
+
+
 def _bnb_cpu() -> bool:
     try:
         import bitsandbytes  # noqa: F401
@@ -65,12 +109,17 @@ def _bnb_cpu() -> bool:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
-@pytest.mark.parametrize("argv", [[], ["--case", "7b"], ["--device", "cpu"]])
-def test_refuses_cleanly(argv: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [([], "needs a CUDA GPU"), (["--case", "7b"], "needs a CUDA GPU"), (["--device", "cpu"], "--tiny"),
+     (["--model", "smollm2"], "--device cpu"), (["--device", "cpu", "--model", "tiny", "--tiny"], "--tiny"),
+     (["--device", "cpu", "--model", "tiny", "--steps", "2", "--rounds", "3"], "--rounds")],
+)  # fmt: skip
+def test_refuses_cleanly(argv: list[str], message: str, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), *argv, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert ("needs a CUDA GPU" in proc.stderr) if argv != ["--device", "cpu"] else ("--tiny" in proc.stderr)
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing written
 
 

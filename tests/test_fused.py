@@ -322,7 +322,12 @@ def test_half_base_float32_adapters() -> None:
 def test_dispatch_rules() -> None:
     mod = layer(False, 0.0)
     x = torch.randn(2, 12, dtype=F64)
-    assert not fuses(mod, x)  # "auto" on CPU: the reference
+    assert fuses(mod, x)  # "auto" on CPU with grad enabled (training): the fused Function
+    assert not fuses(layer(True, 0.0), x)  # ... for LoRA; DoRA keeps the reference off CUDA
+    with torch.no_grad():
+        assert not fuses(mod, x)  # "auto" on CPU without grad: the reference
+    with torch.inference_mode():
+        assert not fuses(mod, x)
     with fused_mode("always"):
         assert fuses(mod, x)
         assert not fuses(mod, x.float())  # dtype mismatch: the reference raises as before
@@ -343,11 +348,14 @@ def test_dispatch_rules() -> None:
 def test_fused_under_bf16_autocast_computes_as_autocast_would(dora: bool) -> None:
     """``lc.train`` runs under bf16 autocast on a GPU: the plan there is the fused Function in bf16 (it was
     the reference before), with outputs and gradients as the reference path gives under the same autocast.
-    Checked on CPU, where autocast(bf16) exists too; on CPU "auto" keeps the reference."""
+    Checked on CPU, where autocast(bf16) exists too (where "auto" takes the same plan when grad is on)."""
     mod = layer(dora, 0.0, dtype=torch.float32)  # a float32 model trained under bf16 autocast
     x = torch.randn(6, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert plan_lora(mod, x).path == "reference"  # auto: CPU input
+        auto = ("reference", None) if dora else ("fused", torch.bfloat16)  # CPU, grad on: LoRA fuses
+        assert (plan_lora(mod, x).path, plan_lora(mod, x).dtype) == auto
+        with torch.no_grad():
+            assert plan_lora(mod, x).path == "reference"  # auto: CPU input, no grad
         with fused_mode("always"):
             plan = plan_lora(mod, x)
             assert (plan.path, plan.dtype) == ("fused", torch.bfloat16)

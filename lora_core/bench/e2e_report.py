@@ -15,6 +15,9 @@ H100_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
     "7b": {"b": (2650.0, 5.38)},
 }
 SPEEDUP_TARGET = 1.3  # default case: a ≥ 1.3 × b
+# The real SmolLM2-135M on a CPU (``e2e_cpu``, float32): a ≥ 1.2 × b and c ≥ 1.1 × d, each at no more peak
+# memory (resident set) than its PEFT counterpart.
+CPU_TARGETS: dict[str, list[tuple[str, str, float]]] = {"smollm2": [("a", "b", 1.2), ("c", "d", 1.1)]}
 
 
 # ----------------------------------------------------------------------------- checks and output
@@ -36,9 +39,23 @@ def evaluate_targets(case: str, rows: Sequence[dict[str, Any]]) -> list[dict[str
         checks = [("a tokens/s ÷ b tokens/s", speed, "> 1", None if speed is None else speed > 1.0),
                   ("a peak GiB vs b peak GiB", mem[0], f"< {mem[1]}",
                    None if mem[0] is None else mem[0] < mem[1])]  # fmt: skip
+    elif case in CPU_TARGETS:
+        checks = [c for x, y, ratio in CPU_TARGETS[case] for c in _pair_checks(by, x, y, ratio)]
     else:
-        return []  # the tiny smoke run has no targets
+        return []  # the tiny smoke runs have no targets
     return [{"name": n, "value": v, "limit": lim, "passed": p} for n, v, lim, p in checks]
+
+
+def _pair_checks(by: dict[str, dict[str, Any]], x: str, y: str, ratio: float) -> list[tuple[Any, ...]]:
+    """``x`` tokens/s ≥ ``ratio`` × ``y``'s, and ``x`` peak ≤ ``y`` peak (None: not measured)."""
+    rx, ry = by.get(x), by.get(y)
+    ok = rx is not None and ry is not None
+    ok = ok and rx.get("peak_gib") is not None and ry.get("peak_gib") is not None  # type: ignore[union-attr]
+    speed = rx["tokens_per_s"] / ry["tokens_per_s"] if ok else None  # type: ignore[index]
+    mem = (rx["peak_gib"], ry["peak_gib"]) if ok else (None, None)  # type: ignore[index]
+    return [(f"{x} tokens/s ÷ {y} tokens/s", speed, f"≥ {ratio}", None if speed is None else speed >= ratio),
+            (f"{x} peak GiB vs {y} peak GiB", mem[0], f"≤ {mem[1]}",
+             None if mem[0] is None else mem[0] <= mem[1])]  # fmt: skip
 
 
 def loss_agreement(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:

@@ -4,7 +4,9 @@ A LoRA layer *holds* its base; it never subclasses it. Everything the layer, the
 and unloading need from ``W₀`` is one of these:
 
     forward(x, bias)         x W₀ᵀ + b, exactly as the original module computed it (differentiable in x, b)
-    matmul_acc(out, x)       out += x W₀ᵀ   (2-D, in place: the fused Functions' frozen GEMM)
+    product(x, bias)         x W₀ᵀ + b      (2-D: the fused LoRA Function's frozen GEMM, dispatch's fastest)
+    product_grad(g)          g W₀           (2-D: its input gradient)
+    matmul_acc(out, x)       out += x W₀ᵀ   (2-D, in place: the fused DoRA Function's frozen GEMM)
     matmul_grad_acc(out, g)  out += g W₀    (2-D, in place: its input gradient)
     row_sqnorm()             ‖W₀_i‖² per output row (out,), float32/float64 (DoRA's norm)
     cache_key()              changes whenever W₀ does (the layer caches row_sqnorm under it)
@@ -72,6 +74,10 @@ class FrozenBase(Protocol):
     def weight(self) -> Any: ...
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor: ...
+
+    def product(self, x: Tensor, bias: Tensor | None) -> Tensor: ...
+
+    def product_grad(self, g: Tensor) -> Tensor: ...
 
     def matmul_acc(self, out: Tensor, x: Tensor) -> Tensor: ...
 
@@ -155,6 +161,12 @@ class DenseBase:
             y = x2 @ self.weight if bias is None else torch.addmm(bias, x2, self.weight)
             return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight, bias)
+
+    def product(self, x: Tensor, bias: Tensor | None) -> Tensor:  # (M, in) -> (M, out)
+        return dispatch.linear(x, self.dense_weight(), bias)  # (out, in) in either storage layout
+
+    def product_grad(self, g: Tensor) -> Tensor:  # (M, out) -> (M, in)
+        return dispatch.mm(g, self.dense_weight())
 
     def matmul_acc(self, out: Tensor, x: Tensor) -> Tensor:
         return out.addmm_(x, self.dense_weight().T)  # beta = 1: the add rides in the GEMM epilogue
@@ -276,6 +288,12 @@ class NF4Base:
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         return nf4_linear(x, self.q, bias)  # saves only the packed weight for backward
+
+    def product(self, x: Tensor, bias: Tensor | None) -> Tensor:  # (M, in) -> (M, out)
+        return dispatch.nf4_linear(x, self.q, bias)  # a transient dense W (CPU), never kept
+
+    def product_grad(self, g: Tensor) -> Tensor:  # (M, out) -> (M, in)
+        return dispatch.nf4_linear_grad(g, self.q)
 
     def matmul_acc(self, out: Tensor, x: Tensor) -> Tensor:
         return dispatch.nf4_matmul_acc(out, x, self.q)

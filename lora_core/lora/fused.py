@@ -6,16 +6,18 @@ and (DoRA) several full-size temporaries, and launches ~10 separate kernels. Her
     LoRA:   y = x W₀ᵀ + b + s · (drop(x) Aᵀ) Bᵀ                       xa := drop(x) Aᵀ   (M, r)
     DoRA:   y = x W₀ᵀ + b + (g − 1) ⊙ (drop(x) W₀ᵀ) + g ⊙ s · xa Bᵀ    g := m / ‖W₀ + sBA‖_row (detached)
 
-with the small products landing in the big output buffer (``addmm_``: cuBLAS reads the buffer in its
-epilogue while it is bound by the tensor cores, so the add costs no extra pass)::
+with the small products landing in the big output buffer (``addmm_``: the GEMM adds into the buffer in
+its epilogue, so the add costs no pass of its own)::
 
-    out  = xa (s·B)ᵀ + b          (M, out)   skinny GEMM, writes the buffer
-    out += x W₀ᵀ                  (M, out)   the frozen GEMM with beta = 1 (dense: cuBLAS; NF4: base op)
+    LoRA:  out  = x W₀ᵀ + b        (M, out)   the frozen GEMM (`base.product`: oneDNN on a CPU)
+           out += xa (s·B)ᵀ        (M, out)   skinny GEMM with beta = 1 (B = 0 adds exactly nothing)
+    DoRA:  out  = xa (s·B)ᵀ        (M, out)   skinny GEMM, writes the buffer
+           out += x W₀ᵀ            (M, out)   the frozen GEMM with beta = 1 (dense: BLAS; NF4: base op)
 
 **Backward** (G = ∂L/∂y, (M, out); mask' = mask / (1 − p), the Bernoulli(1 − p) mask of dropout)::
 
     LoRA
-    ∂L/∂x  = G W₀ + s · ((G B) A) ⊙ mask'          (M, in)    t = (G·sB) A;  t ⊙= mask';  t += G W₀
+    ∂L/∂x  = G W₀ + s · ((G B) A) ⊙ mask'          (M, in)    t = G W₀;  t += (G·sB) A  (⊙ mask')
     ∂L/∂A  = s · (G B)ᵀ drop(x)                     (r, in)    drop(x) = x ⊙ mask', regenerated
     ∂L/∂B  = s · Gᵀ xa                              (out, r)   xa is saved
     ∂L/∂b  = Σ_rows G                               (out,)
@@ -56,6 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_core import dispatch
 from lora_core.lora.bases import DenseBase, FrozenBase
 
 # ---- dropout regenerated from a seed ------------------------------------------------------------------
@@ -112,12 +115,12 @@ class LoRALinearFunction(torch.autograd.Function):
         dt, s, p = x.dtype, spec.scaling, spec.dropout
         x2 = _as2d(x)  # (M, in)
         xd = x2 * dropout_mask(x2, p, spec.seed) if p > 0 else x2  # (M, in), transient
-        xa = xd @ lora_A.to(dt).T  # (M, r)
+        xa = dispatch.linear(xd, lora_A.to(dt))  # (M, r)
         del xd
         bs = (lora_B * s).to(dt)  # (out, r): s rides on the small operand
         b = None if bias is None else bias.to(dt)
-        out = xa @ bs.T if b is None else torch.addmm(b, xa, bs.T)  # (M, out) = s·xa Bᵀ + b
-        spec.base.matmul_acc(out, x2)  # out += x W₀ᵀ
+        out = spec.base.product(x2, b)  # (M, out) = x W₀ᵀ + b
+        out.addmm_(xa, bs.T)  # += s·xa Bᵀ   (B = 0 adds exactly nothing)
         ctx.save_for_backward(x2, xa, lora_A, lora_B)
         ctx.spec, ctx.bias_dtype, ctx.x_shape = spec, None if bias is None else bias.dtype, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])  # (..., out)
@@ -134,13 +137,14 @@ class LoRALinearFunction(torch.autograd.Function):
         mask = dropout_mask(x2, p, spec.seed) if p > 0 and (need_x or need_a) else None  # (M, in)
         if need_x or need_a:
             # s·(G B)                                                               (M, r)
-            gbs = g2 @ (lora_B * s).to(dt)
+            gbs = dispatch.mm(g2, (lora_B * s).to(dt))
         if need_x:
             # ∂L/∂x = G W₀ + s·((G B) A) ⊙ mask'                                   (M, in)
-            grad_x = gbs @ lora_A.to(dt)
-            if mask is not None:
-                grad_x.mul_(mask)
-            spec.base.matmul_grad_acc(grad_x, g2)
+            grad_x = spec.base.product_grad(g2)  # G W₀: the frozen GEMM writes the buffer
+            if mask is None:
+                grad_x.addmm_(gbs, lora_A.to(dt))
+            else:
+                grad_x.add_(dispatch.mm(gbs, lora_A.to(dt)).mul_(mask))
             grad_x = grad_x.view(ctx.x_shape)
         if need_a:
             # ∂L/∂A = s·(G B)ᵀ drop(x)                                             (r, in)
@@ -164,7 +168,7 @@ def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
             return torch.mm(a, b, out_dtype=dtype)
         except (TypeError, RuntimeError):  # an older torch, or a dtype pair it does not offer
             _MM_OUT_DTYPE = False
-    return (a @ b).to(dtype)
+    return dispatch.mm(a, b).to(dtype)
 
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # aten::mm.dtype (torch ≥ 2.8)

@@ -24,8 +24,10 @@ trains): never a (tokens × vocab) tensor. Backward only scales them by the inco
 costs 3 GEMMs per chunk (forward, D W, Dᵀ h when needed) instead of the 4 of a recompute-in-backward
 checkpoint. When no gradient is wanted (``torch.no_grad()`` or frozen inputs) only the loss is computed.
 
-Precision matches transformers' ``ForCausalLMLoss``: the head GEMM runs in the hidden dtype, the softmax and
-the sum in fp32 (float64 stays float64), D is rounded once to the hidden dtype before the gradient GEMMs.
+The two GEMMs are ``lora_core.dispatch``'s (oneDNN for float32 on a CPU, within float32 tolerance of
+``F.linear``). Precision matches transformers' ``ForCausalLMLoss``: the head GEMM runs in the hidden dtype,
+the softmax and the sum in fp32 (float64 stays float64), D is rounded once to the hidden dtype before the
+gradient GEMMs.
 
 Peak extra memory ≈ C·V·(2 + 4 + 2) bytes for bf16 (the GEMM output, its fp32 copy, D in bf16) + N·H·2 for
 grad_h. The default C gives ≈ 32 Mi logits per chunk: 1024 tokens for a 32k vocabulary.
@@ -38,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lora_core import dispatch
 
 _LOGITS_PER_CHUNK = 2**25  # ≈ 128 MiB of fp32 logits per chunk with the default chunk size
 
@@ -79,7 +83,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n_tok, chunk):
             rows = slice(start, min(start + chunk, n_tok))
             h_c, t_c = h[rows], safe_t[rows, None]  # (C, H), (C, 1)
-            z = F.linear(h_c, weight, bias).to(acc)  # (C, V) the head GEMM in h's dtype, then fp32
+            z = dispatch.linear(h_c, weight, bias).to(acc)  # (C, V) the head GEMM in h's dtype, then fp32
             z_target = z.gather(1, t_c)  # (C, 1)
             z_max = z.amax(1, keepdim=True)  # (C, 1)
             z.sub_(z_max).exp_()  # exp(z − max), in place: no second (C, V) buffer
@@ -96,7 +100,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             d = z.to(h.dtype)  # (C, V) rounded once, as autograd through .float() would
             del z
             if need_h:
-                torch.mm(d, weight, out=grad_h[rows])  # (C, H) = D_c W
+                grad_h[rows] = dispatch.mm(d, weight)  # (C, H) = D_c W
             if need_w:
                 grad_w += (d.T @ h_c).to(acc)  # (V, H) += D_cᵀ h_c
         ctx.save_for_backward(grad_h, grad_w, grad_b)
