@@ -132,7 +132,7 @@ def plan_mixed(layer: Any, x: Tensor) -> LoraPlan:
     if plan.dtype not in MIXED_DTYPES:
         return LoraPlan("reference", None, f"the per-row kernels compute in fp16/bf16/fp32, not {plan.dtype}")
     if not x.is_cuda and not (interpreter_active() and _mode == "always"):  # a CPU's fused LoRA is not Triton
-        return LoraPlan("reference", None, "the per-row kernels need CUDA (or TRITON_INTERPRET=1 and 'always')")
+        return LoraPlan("reference", None, "the per-row kernels need CUDA (or the interpreter and 'always')")
     return LoraPlan("kernel", plan.dtype, "per-row kernels")
 
 
