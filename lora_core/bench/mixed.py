@@ -44,7 +44,7 @@ from torch import nn
 
 from lora_core.atomic import atomic_write, atomic_write_text
 from lora_core.bench.common import pyplot, time_us, versions, write_json
-from lora_core.bench.e2e import TARGET_MODULES, llama_config
+from lora_core.bench.e2e_cases import TARGET_MODULES, llama_config
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 12,
