@@ -220,7 +220,20 @@ def finetune(args: argparse.Namespace) -> int:
         run = {"base_name": base_name, "train_files": train_files, "steps": steps, "batch_size": batch_size,
                "seq_len": seq_len, "total_params": total_params, "prompt": prompt, "chat": chat,
                "sampling": sample_cfg}  # fmt: skip
-        return _train_and_save(model, tokenizer, train_set, eval_set, train_cfg, out_dir, device, args, run)
+        code = _train_and_save(model, tokenizer, train_set, eval_set, train_cfg, out_dir, device, args, run)
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every rank, then close the process group lc.train opened. A rank that
+    exited with gloo's threads still running could abort ("terminate called without an active exception")
+    and make torchrun fail a run that had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
