@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.atomic import atomic_write
+from lora_core.bench.common import pyplot
 
 # PEFT + bitsandbytes (b) and PEFT bf16 LoRA (d) as measured on an H100 in 2026-11 (tokens/s, peak GiB),
 # printed beside ours for context.
@@ -89,12 +90,8 @@ def format_table(case: str, rows: Sequence[dict[str, Any]], checks: Sequence[dic
 
 
 def plot(path: Path, case: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     ran = [r for r in rows if r.get("ran")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
