@@ -101,7 +101,7 @@ class LoraSpec:
     w0_sqnorm: Tensor | None = None
 
 
-def _as2d(t: Tensor) -> Tensor:  # (..., n) -> (M, n), a view whenever the strides allow it
+def as2d(t: Tensor) -> Tensor:  # (..., n) -> (M, n), a view whenever the strides allow it
     return t.reshape(-1, t.shape[-1])
 
 
@@ -113,7 +113,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx: Any, x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, spec: LoraSpec
     ) -> Tensor:
         dt, s, p = x.dtype, spec.scaling, spec.dropout
-        x2 = _as2d(x)  # (M, in)
+        x2 = as2d(x)  # (M, in)
         xd = x2 * dropout_mask(x2, p, spec.seed) if p > 0 else x2  # (M, in), transient
         xa = dispatch.linear(xd, lora_A.to(dt))  # (M, r)
         del xd
@@ -132,7 +132,7 @@ class LoRALinearFunction(torch.autograd.Function):
         spec: LoraSpec = ctx.spec
         s, p, dt = spec.scaling, spec.dropout, grad.dtype
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-        g2 = _as2d(grad)  # (M, out)
+        g2 = as2d(grad)  # (M, out)
         grad_x = grad_a = grad_b = grad_bias = None
         mask = dropout_mask(x2, p, spec.seed) if p > 0 and (need_x or need_a) else None  # (M, in)
         if need_x or need_a:
@@ -149,29 +149,31 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_a:
             # ∂L/∂A = s·(G B)ᵀ drop(x)                                             (r, in)
             xd = x2 if mask is None else mask.mul_(x2)  # the mask's buffer becomes drop(x)
-            grad_a = _mm_to(gbs.T, xd, lora_A.dtype)
+            grad_a = matmul_to(gbs.T, xd, lora_A.dtype)
         if need_b:
             # ∂L/∂B = s·Gᵀ xa                                                      (out, r)
-            grad_b = _mm_to(g2.T, xa, lora_B.dtype).mul_(s)
+            grad_b = matmul_to(g2.T, xa, lora_B.dtype).mul_(s)
         if need_bias:
             # ∂L/∂b = Σ_rows G                                                     (out,)
             grad_bias = g2.sum(0, dtype=torch.promote_types(dt, torch.float32)).to(ctx.bias_dtype)
         return grad_x, grad_a, grad_b, grad_bias, None
 
 
-def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``a @ b`` rounded once to ``dtype``: float32 adapter grads from half inputs. On CUDA, cuBLAS writes
-    its float32 accumulator directly (``torch.mm(..., out_dtype=)``); elsewhere the half result is cast."""
-    global _MM_OUT_DTYPE
-    if a.dtype != dtype and a.is_cuda and _MM_OUT_DTYPE:
+def matmul_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` (2-D, or batched 3-D) rounded once to ``dtype``: float32 adapter grads from half inputs. On
+    CUDA, cuBLAS writes its float32 accumulator directly (``torch.mm`` / ``torch.bmm`` with ``out_dtype=``);
+    elsewhere the half result is cast."""
+    op = torch.mm if a.dim() == 2 else torch.bmm
+    if a.dtype != dtype and a.is_cuda and _OUT_DTYPE[op]:
         try:
-            return torch.mm(a, b, out_dtype=dtype)
+            return op(a, b, out_dtype=dtype)
         except (TypeError, RuntimeError):  # an older torch, or a dtype pair it does not offer
-            _MM_OUT_DTYPE = False
-    return dispatch.mm(a, b).to(dtype)
+            _OUT_DTYPE[op] = False
+    return (dispatch.mm(a, b) if op is torch.mm else torch.bmm(a, b)).to(dtype)
 
 
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # aten::mm.dtype (torch ≥ 2.8)
+# aten::mm.dtype / aten::bmm.dtype (torch ≥ 2.8); turned off for good the first time torch refuses one
+_OUT_DTYPE = {torch.mm: hasattr(torch.ops.aten.mm, "dtype"), torch.bmm: hasattr(torch.ops.aten.bmm, "dtype")}
 
 
 def dora_row_norm(base: FrozenBase, lora_A: Tensor, lora_B: Tensor, scaling: float, w0_sqnorm: Tensor,
@@ -197,7 +199,7 @@ def dora_row_norm(base: FrozenBase, lora_A: Tensor, lora_B: Tensor, scaling: flo
         lo = (lora_A - hi.to(lora_A.dtype)).to(compute_dtype)
         hilo = torch.cat([hi, lo])  # (2r, in)
         if isinstance(base, DenseBase):
-            both = _mm_to(hilo, base.dense_weight().T, acc)  # (2r, out)
+            both = matmul_to(hilo, base.dense_weight().T, acc)  # (2r, out)
         else:
             both = base.forward(hilo, None).to(acc)
         aw = both[:r] + both[r:]
@@ -223,7 +225,7 @@ class DoRALinearFunction(torch.autograd.Function):
         assert spec.w0_sqnorm is not None  # set by fused_dora_linear
         norm = dora_row_norm(spec.base, lora_A, lora_B, s, spec.w0_sqnorm, dt).to(magnitude.dtype)  # (out,)
         g = magnitude / norm  # (out,)
-        x2 = _as2d(x)  # (M, in)
+        x2 = as2d(x)  # (M, in)
         bs = (lora_B * s).to(dt)  # (out, r)
         b = None if bias is None else bias.to(dt)
         if p == 0:
@@ -258,7 +260,7 @@ class DoRALinearFunction(torch.autograd.Function):
         spec: LoraSpec = ctx.spec
         s, p, dt = spec.scaling, spec.dropout, grad.dtype
         need_x, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:5]
-        g2 = _as2d(grad)  # (M, out)
+        g2 = as2d(grad)  # (M, out)
         acc = torch.promote_types(dt, torch.float32)
         grad_x = grad_a = grad_b = grad_m = grad_bias = None
         mask = dropout_mask(x2, p, spec.seed) if p > 0 and (need_x or need_a) else None  # (M, in)
@@ -280,10 +282,10 @@ class DoRALinearFunction(torch.autograd.Function):
         if need_a:
             # ∂L/∂A = s·(G (g⊙B))ᵀ drop(x)                                          (r, in)
             xd = x2 if mask is None else mask.mul_(x2)
-            grad_a = _mm_to(gbg.T, xd, lora_A.dtype)
+            grad_a = matmul_to(gbg.T, xd, lora_A.dtype)
         if need_b:
             # ∂L/∂B = s·g ⊙ (Gᵀ xa)                                                 (out, r)
-            grad_b = _mm_to(g2.T, xa, lora_B.dtype).mul_((s * g)[:, None].to(lora_B.dtype))
+            grad_b = matmul_to(g2.T, xa, lora_B.dtype).mul_((s * g)[:, None].to(lora_B.dtype))
         if need_m:
             # ∂L/∂m = Σ_rows (G ⊙ z) / ‖V‖                                          (out,)
             grad_m = _dora_grad_magnitude(spec, g2, yw, col_g, magnitude, norm, bias, x2, xa, lora_B)
@@ -301,7 +303,7 @@ def _dora_grad_magnitude(
     """∂L/∂m = Σ_rows (G ⊙ z) / ‖V‖ (out,), z the un-rescaled output (module docstring)."""
     acc = col_g.dtype
     # Σ_rows G ⊙ y   (with dropout: Σ_rows G ⊙ w, and w is z itself)
-    gy = (g2 * _as2d(yw)).sum(0, dtype=acc)
+    gy = (g2 * as2d(yw)).sum(0, dtype=acc)
     if spec.dropout > 0:
         return gy / norm.to(acc)
     # z = (y − b) / g   ⇒   Σ_rows G ⊙ z / ‖V‖ = (Σ_rows G ⊙ y − b ⊙ Σ_rows G) / m

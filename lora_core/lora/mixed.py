@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lora_core.lora.bases import FrozenBase
-from lora_core.lora.fused import _as2d, _mm_to
+from lora_core.lora.fused import as2d, matmul_to
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,9 @@ class MixedLoRAFunction(torch.autograd.Function):
         from lora_core.kernels import lora_mixed_expand, lora_mixed_shrink
 
         dt = x.dtype
-        x2 = _as2d(x)  # (M, in)
+        x2 = as2d(x)  # (M, in)
         a_stack, b_stack = stack_adapters(factors, dt)  # (n, R, in), (n, out, R)
-        out = spec.base.forward(x2, None if bias is None else bias.to(dt))  # (M, out) = x W₀ᵀ + b
+        out = spec.base.product(x2, None if bias is None else bias.to(dt))  # (M, out) = x W₀ᵀ + b
         s = lora_mixed_shrink(x2, a_stack, spec.plan)  # (P, R) float32
         lora_mixed_expand(out, s, b_stack, spec.scale, spec.plan)
         ctx.save_for_backward(x2, s, a_stack, b_stack)
@@ -109,7 +109,7 @@ class MixedLoRAFunction(torch.autograd.Function):
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_f = ctx.needs_input_grad[3:]  # A_0, B_0, A_1, B_1, ...
         need_a, need_b = any(need_f[0::2]), any(need_f[1::2])
-        g2 = _as2d(grad).contiguous()  # (M, out)
+        g2 = as2d(grad).contiguous()  # (M, out)
         grad_x = grad_bias = None
         gb = None
         if need_x or need_a:
@@ -117,7 +117,7 @@ class MixedLoRAFunction(torch.autograd.Function):
             gb = lora_mixed_shrink(g2, b_stack.transpose(1, 2), plan)
         if need_x:
             # ∂L/∂x = G W₀ + s_t · (G B_t) A_t                                     (M, in)
-            grad_x = spec.base.matmul_grad_acc(torch.zeros_like(x2, dtype=dt), g2)
+            grad_x = spec.base.product_grad(g2)  # G W₀, as the fused Function computes it
             lora_mixed_expand(grad_x, gb, a_stack.transpose(1, 2), spec.scale, plan)
             grad_x = grad_x.view(ctx.x_shape)
         grads: list[Tensor | None] = [None] * len(need_f)
@@ -133,10 +133,10 @@ class MixedLoRAFunction(torch.autograd.Function):
                     r = a_shape[0]
                     if need_f[2 * slot]:
                         # ∂L/∂A_a = s_a · (G B_a)ᵀ x                                (r, in)
-                        grads[2 * slot] = _mm_to(gb[seg, :r].T.to(dt), xs[seg], a_dtype).mul_(sc)  # type: ignore[index]
+                        grads[2 * slot] = matmul_to(gb[seg, :r].T.to(dt), xs[seg], a_dtype).mul_(sc)  # type: ignore[index]
                     if need_f[2 * slot + 1]:
                         # ∂L/∂B_a = s_a · Gᵀ S                                      (out, r)
-                        grads[2 * slot + 1] = _mm_to(gs[seg].T, s[seg, :r].to(dt), b_dtype).mul_(sc)  # type: ignore[index]
+                        grads[2 * slot + 1] = matmul_to(gs[seg].T, s[seg, :r].to(dt), b_dtype).mul_(sc)  # type: ignore[index]
             for i, (need, (f_dtype, f_shape)) in enumerate(zip(need_f, ctx.factor_meta)):
                 if need and grads[i] is None:  # an adapter no row uses
                     grads[i] = torch.zeros(f_shape, dtype=f_dtype, device=grad.device)
@@ -162,34 +162,19 @@ def _batched_weight_grads(grads: list[Tensor | None], need: tuple[bool, ...], gb
     n = len(meta) // 2
     scale = spec.scale.view(n, 1, 1)
     if xs is not None and gb is not None:
-        ga = _bmm_to(
+        ga = matmul_to(
             gb.to(dt).view(n, -1, gb.shape[1]).transpose(1, 2), xs.view(n, -1, xs.shape[1]), meta[0][0]
         )
         ga.mul_(scale.to(ga.dtype))  # (n, R, in)
         for a in range(n):
             grads[2 * a] = ga[a, : meta[2 * a][1][0]] if need[2 * a] else None
     if gs is not None:
-        gw = _bmm_to(
+        gw = matmul_to(
             gs.view(n, -1, gs.shape[1]).transpose(1, 2), s.to(dt).view(n, -1, s.shape[1]), meta[1][0]
         )
         gw.mul_(scale.to(gw.dtype))  # (n, out, R)
         for a in range(n):
             grads[2 * a + 1] = gw[a, :, : meta[2 * a][1][0]] if need[2 * a + 1] else None
-
-
-def _bmm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``a @ b`` (batched) rounded once to ``dtype``, as `fused._mm_to` (cuBLAS' float32 accumulator on
-    CUDA where torch offers ``out_dtype``; elsewhere the product is cast)."""
-    global _BMM_OUT_DTYPE
-    if a.dtype != dtype and a.is_cuda and _BMM_OUT_DTYPE:
-        try:
-            return torch.bmm(a, b, out_dtype=dtype)
-        except (TypeError, RuntimeError):  # an older torch, or a dtype pair it does not offer
-            _BMM_OUT_DTYPE = False
-    return torch.bmm(a, b).to(dtype)
-
-
-_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # aten::bmm.dtype
 
 
 def mixed_lora_linear(x: Tensor, base: FrozenBase, factors: list[tuple[Tensor, Tensor, float]],
