@@ -18,6 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_e2e.py"
 
 
+def cases_that_ran(meta: dict, rows: list, proc: subprocess.CompletedProcess) -> dict:
+    """The four cases' rows by name, after checking that every case that must run on a CPU ran — lora_core's
+    and PEFT's LoRA always, bitsandbytes' where it can — and that the exit status says whether all did."""
+    by = {r["case"]: r for r in rows}
+    assert list(by) == ["a", "b", "c", "d"]
+    must_run = ["a", "c", "d"] + (["b"] if _bnb_cpu() else [])
+    assert set(must_run) <= set(meta["ran"]), (meta["skipped"], proc.stderr[-2000:])
+    assert proc.returncode == (0 if len(meta["ran"]) == 4 else 1), proc.stderr[-2000:]
+    return by
+
+
 def test_cpu_tiny_smoke_run_writes_json_and_png(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
@@ -33,12 +44,7 @@ def test_cpu_tiny_smoke_run_writes_json_and_png(tmp_path: Path) -> None:
         assert pkg in meta["versions"]
     assert meta["model"]["hidden_size"] == 64 and meta["r"] == 16 and meta["alpha"] == 32.0
     assert meta["target_modules"] == bench_e2e.TARGET_MODULES
-    by = {r["case"]: r for r in rows}
-    assert list(by) == ["a", "b", "c", "d"]
-    # lora_core's cases and PEFT's bf16 LoRA must run on the CPU; bitsandbytes' only where it can
-    must_run = ["a", "c", "d"] + (["b"] if _bnb_cpu() else [])
-    assert set(must_run) <= set(meta["ran"]), (meta["skipped"], proc.stderr[-2000:])
-    assert proc.returncode == (0 if len(meta["ran"]) == 4 else 1), proc.stderr[-2000:]
+    by = cases_that_ran(meta, rows, proc)
     for key in meta["ran"]:
         r = by[key]
         assert r["tokens_per_s"] > 0 and len(r["step_ms"]) == 1 and r["peak_gib"] is None
@@ -71,11 +77,7 @@ def test_cpu_harness_runs_each_case_in_its_own_process_and_writes_json(tmp_path:
     assert meta["case"] == "tiny" and meta["device"].startswith("CPU") and meta["dtype"] == "float32"
     assert (meta["rounds"], meta["steps_per_round"], meta["steps"], meta["threads"]) == (2, 1, 2, 1)
     assert len(meta["load_average_before"]) == 3 and meta["targets"] == []
-    by = {r["case"]: r for r in rows}
-    assert list(by) == ["a", "b", "c", "d"]
-    must_run = ["a", "c", "d"] + (["b"] if _bnb_cpu() else [])
-    assert set(must_run) <= set(meta["ran"]), (meta["skipped"], proc.stderr[-2000:])
-    assert proc.returncode == (0 if len(meta["ran"]) == 4 else 1), proc.stderr[-2000:]
+    by = cases_that_ran(meta, rows, proc)
     for key in meta["ran"]:
         r = by[key]
         assert r["threads"] == 1 and len(r["step_ms"]) == 2 and len(r["tokens_per_s_rounds"]) == 2
