@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser(
         "bench",
-        help="run a benchmark: kernels (default), layer, e2e (GPU), mixed (mixed-adapter batches, GPU or "
-        "CPU) or static (what the kernels compile to, no GPU); `bench SUITE --help` for its options",
+        help="run a benchmark: kernels (default), layer, e2e (GPU; --device cpu --model smollm2: the real "
+        "SmolLM2 on a CPU), mixed (mixed-adapter batches, GPU or CPU) or static (what the kernels compile "
+        "to, no GPU); `bench SUITE --help` for its options",
         add_help=False,
     )
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
