@@ -140,6 +140,7 @@ def test_merge_refuses_an_adapter_made_for_another_model(run: Path) -> None:
         ("missing_model", "not found"),
         ("empty_data", "empty dataset"),
         ("seq_len_too_long", "longer than the model's context of 128"),
+        ("seq_len_one", "--seq-len must be >= 2, got 1"),
         ("output_dir_taken", "is not empty"),
     ],
 )
@@ -154,6 +155,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, case: 
         args[args.index("tiny")] = str(tmp_path / "no-such-model")
     elif case == "seq_len_too_long":
         args[args.index("32")] = "256"
+    elif case == "seq_len_one":
+        args[args.index("32")] = "1"
     elif case == "output_dir_taken":
         out.mkdir()
         (out / "keep.txt").write_text("mine")

@@ -123,6 +123,8 @@ def finetune(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.warmup is not None and args.warmup < 0:
         raise CliError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.seq_len is not None and args.seq_len < 2:  # a block predicts tokens 2..n from 1..n-1
+        raise CliError(f"--seq-len must be >= 2, got {args.seq_len}")
     if args.cpu_offload and not args.fsdp:
         raise CliError("--cpu-offload offloads the shards of --fsdp: pass --fsdp too")
     if args.sample_tokens is not None and args.sample_tokens < 0:
