@@ -38,9 +38,10 @@ def torchrun(nproc: int = 2) -> list[str]:
             "--master-addr", "127.0.0.1", "--master-port", port]  # fmt: skip
 
 
-def run(cmd: list[str], cwd: Path | None = None) -> None:
+def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(cmd, env=ENV, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 def report(folder: Path, rank: int) -> dict:
@@ -145,7 +146,10 @@ def test_the_docs_multi_gpu_commands_run_as_written(tmp_path: Path) -> None:
     assert len(lines) >= 3, lines
     for line in lines:
         args = line.split()[1:]
-        run([*torchrun(int(args[args.index("--nproc-per-node") + 1])), *args[2:]], cwd=tmp_path)
+        result = run([*torchrun(int(args[args.index("--nproc-per-node") + 1])), *args[2:]], cwd=tmp_path)
+        if "finetune" in args:  # the run's report is printed once (rank 0), not once per rank
+            for line in ("held-out loss before", "sample after", "wrote "):
+                assert result.stderr.count(line) == 1, (line, result.stderr[-2000:])
     adapter = tmp_path / "runs" / "fsdp" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     model = lc.load_adapter(lc.TinyCausalLM(seed=0), adapter)  # rank 0's save, in PEFT's layout

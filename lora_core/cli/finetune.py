@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -283,20 +284,19 @@ def _train_and_save(model: Any, tokenizer: Any, train_set: Any, eval_set: Any, t
     base_name, train_files, steps = run["base_name"], run["train_files"], run["steps"]
     batch_size, seq_len, total_params = run["batch_size"], run["seq_len"], run["total_params"]
     prompt, chat, sample_cfg = run["prompt"], run["chat"], run["sampling"]
+    rank = int(os.environ.get("RANK", "0"))
+    say = functools.partial(print, file=sys.stderr) if rank == 0 else (lambda *a, **k: None)  # torchrun: once
     started = time.perf_counter()
     eval_before = lc.evaluate(model, eval_set, train_cfg)
     sample_before = _sample(model, tokenizer, prompt, sample_cfg, chat)
-    print(
-        f"held-out loss before: {eval_before:.4f} (perplexity {math.exp(eval_before):.2f})", file=sys.stderr
-    )
-    print(f"sample before: {sample_before!r}", file=sys.stderr)
+    say(f"held-out loss before: {eval_before:.4f} (perplexity {math.exp(eval_before):.2f})")
+    say(f"sample before: {sample_before!r}")
     result = lc.train(model, train_set, eval_set, train_cfg)
     eval_after = result.eval_loss if result.eval_loss is not None else lc.evaluate(model, eval_set, train_cfg)
     sample_after = _sample(model, tokenizer, prompt, sample_cfg, chat)
-    print(f"held-out loss after:  {eval_after:.4f} (perplexity {math.exp(eval_after):.2f})", file=sys.stderr)
-    print(f"sample after: {sample_after!r}", file=sys.stderr)
+    say(f"held-out loss after:  {eval_after:.4f} (perplexity {math.exp(eval_after):.2f})")
+    say(f"sample after: {sample_after!r}")
 
-    rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         atomic_write_dir(out_dir / "adapter", lambda tmp: lc.save_adapter(model, tmp))
         # lc.train drew the curve without the evaluation made before it started: redraw with it at step 0,
