@@ -294,6 +294,9 @@ def apply_lora(
     return root
 
 
+LayerStep = tuple[str, int, float, type[LoRALinear], dict[str, object]]  # path, r, alpha, class, extra
+
+
 @dataclass(frozen=True)
 class SurgeryPlan:
     """What `apply_lora` does to a model, decided (and validated) before it touches it: the target paths,
@@ -302,7 +305,7 @@ class SurgeryPlan:
 
     paths: list[str]
     to_save: list[str]
-    layers: list[tuple[str, int, float, type[LoRALinear], dict[str, object]]]
+    layers: list[LayerStep]
     rest: list[str]
 
 
@@ -317,10 +320,7 @@ def plan_surgery(model: nn.Module, cfg: LoraConfig) -> SurgeryPlan:
     return SurgeryPlan(paths, to_save, layers, rest)
 
 
-def wrap_layer(
-    module: nn.Module, cfg: LoraConfig, step: tuple[str, int, float, type[LoRALinear], dict[str, object]],
-    adapter_name: str = DEFAULT,
-) -> nn.Module:
+def wrap_layer(module: nn.Module, cfg: LoraConfig, step: LayerStep, adapter_name: str = DEFAULT) -> nn.Module:
     """The LoRA layer of one `SurgeryPlan` step around ``module`` (its weight read, NF4-quantized for QLoRA,
     the adapter initialized: the only step that draws from the RNG)."""
     _, r, alpha, cls, extra = step
@@ -348,11 +348,11 @@ def mark_trainable(root: nn.Module, cfg: LoraConfig, to_save: list[str]) -> None
 
 
 def finish_surgery(
-    root: nn.Module, cfg: LoraConfig, surgery: SurgeryPlan, flags: dict[str, bool], adapter_name: str = DEFAULT
+    root: nn.Module, cfg: LoraConfig, plan: SurgeryPlan, flags: dict[str, bool], adapter_name: str = DEFAULT
 ) -> None:
     """After every layer is wrapped: mark what trains, record the config (``flags``: the parameters'
     ``requires_grad`` before the surgery, restored by `unload_lora`), the NF4 layers and the input hook."""
-    paths, to_save = surgery.paths, surgery.to_save
+    paths, to_save = plan.paths, plan.to_save
     mark_trainable(root, cfg, to_save)
     # As PEFT: "all-linear" is recorded as the names it resolved to, so the saved adapter_config.json
     # also loads in PEFT when it has layers_to_transform (PEFT refuses that with a string target).
