@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         return files
     if (folder / SINGLE).is_file():
         with safe_open(str(folder / SINGLE), framework="pt") as f:
-            return {name: folder / SINGLE for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+            return {name: folder / SINGLE for name in f.keys()}
     raise ValueError(
         f"{folder} has no {SINGLE} or {INDEX}: load_pretrained streams safetensors checkpoints only"
     )
@@ -152,7 +153,9 @@ def _check_arguments(folder: Any, config: Any, device: Any, dtype: Any, fsdp: An
     if cpu_offload and not fsdp:
         raise ValueError("cpu_offload=True offloads the shards of fsdp=True: pass fsdp=True too")
     if fsdp and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("fsdp=True needs an initialized torch.distributed process group (run under torchrun)")
+        raise ValueError(
+            "fsdp=True needs an initialized torch.distributed process group (run under torchrun)"
+        )
     if not isinstance(folder, (str, Path)):
         raise TypeError(f"folder must be a path (str or Path), got {type(folder).__name__}")
     path = Path(folder)
@@ -243,13 +246,16 @@ def _sources(model: nn.Module, reader: _Reader) -> dict[int, str]:
 class _Loader:
     """Step 3 (and 4) of the module docstring over one model."""
 
-    def __init__(self, model, config, plan, reader, sources, device, sharder) -> None:  # noqa: ANN001
+    def __init__(self, model, config, plan, reader, sources, device, sharder) -> None:
         self.model, self.config, self.plan, self.reader = model, config, plan, reader
         self.sources, self.device, self.sharder = sources, device, sharder
         self.steps = {step[0]: step for step in plan.layers}
         self.rest = set(plan.rest)
-        self.loaded: dict[int, nn.Parameter] = {}  # id(meta parameter) → the loaded one (ties: shared)
+        counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        self.tied = {key for key, n in counts.items() if n > 1}
+        self.loaded: dict[int, nn.Parameter] = {}  # id(tied meta parameter) → the loaded one, for its twins
         self.seen: set[int] = set()
+        self.pinned = [*model.parameters(), *model.buffers()]  # the ids above stay theirs (meta: no bytes)
         stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
         inner = {id(s) for m in stacks for b in m for s in b.modules() if s is not b}
         self.blocks = {id(b) for m in stacks for b in m if id(b) not in inner}  # outermost stack elements
@@ -286,16 +292,17 @@ class _Loader:
         for name, p in list(module._parameters.items()):
             if p is None or not p.is_meta:
                 continue
-            if id(p) not in self.loaded:
+            loaded = self.loaded.get(id(p))
+            if loaded is None:
                 data = self.reader.read(self.sources[id(p)], p.dtype, self.device)
-                self.loaded[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
-            module._parameters[name] = self.loaded[id(p)]
+                loaded = nn.Parameter(data, requires_grad=p.requires_grad)
+                if id(p) in self.tied:  # kept only for the twins: the others may go as soon as quantized
+                    self.loaded[id(p)] = loaded
+            module._parameters[name] = loaded
         for name, b in list(module._buffers.items()):
-            if b is None or b.device == self.device:
-                continue
-            if id(b) in self.sources:
+            if b is not None and id(b) in self.sources:  # a persistent buffer the checkpoint has
                 module._buffers[name] = self.reader.read(self.sources[id(b)], b.dtype, self.device)
-            else:
+            elif b is not None:  # built in __init__ (rotary inv_freq): moved, as model.to(device) does
                 module._buffers[name] = b.to(self.device)
 
 
