@@ -140,6 +140,28 @@ def _empty_model(folder: Path, dtype: torch.dtype | None, reader: _Reader) -> nn
     return model.eval()  # as from_pretrained returns it
 
 
+def empty_model(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of ``folder`` as `load_pretrained` starts it: on the meta device, no adapters, no memory
+    (its config, parameter count and shapes, e.g. for ``lora-core finetune`` to check them before loading).
+
+    Raises:
+        ValueError: what `load_pretrained` raises for ``folder`` (no folder, config or checkpoint)."""
+    path = _check_folder(folder)
+    with contextlib.ExitStack() as stack:
+        return _empty_model(path, dtype, _Reader(checkpoint_files(path), stack))
+
+
+def _check_folder(folder: Any) -> Path:
+    if not isinstance(folder, (str, Path)):
+        raise TypeError(f"folder must be a path (str or Path), got {type(folder).__name__}")
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"folder {str(folder)!r} is not a folder (a transformers model folder is needed)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"folder {str(folder)!r} has no config.json")
+    return path
+
+
 def _check_arguments(folder: Any, config: Any, device: Any, dtype: Any, fsdp: Any, cpu_offload: Any) -> Path:
     import torch.distributed as dist
 
@@ -156,14 +178,7 @@ def _check_arguments(folder: Any, config: Any, device: Any, dtype: Any, fsdp: An
         raise ValueError(
             "fsdp=True needs an initialized torch.distributed process group (run under torchrun)"
         )
-    if not isinstance(folder, (str, Path)):
-        raise TypeError(f"folder must be a path (str or Path), got {type(folder).__name__}")
-    path = Path(folder)
-    if not path.is_dir():
-        raise ValueError(f"folder {str(folder)!r} is not a folder (a transformers model folder is needed)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"folder {str(folder)!r} has no config.json")
-    return path
+    return _check_folder(folder)
 
 
 def load_pretrained(
@@ -306,4 +321,4 @@ class _Loader:
                 module._buffers[name] = b.to(self.device)
 
 
-__all__ = ["checkpoint_files", "load_pretrained"]
+__all__ = ["checkpoint_files", "empty_model", "load_pretrained"]
