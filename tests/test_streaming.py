@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ import torch
 from live_bytes import PeakLiveBytes, model_storages
 from safetensors.torch import load_file, save_file
 from test_fsdp import ENV, torchrun
+from tolerances import assert_close
 
 import lora_core as lc
 
@@ -245,3 +247,34 @@ def test_two_ranks_stream_their_shards_equal_to_the_reference_and_half_the_base(
         nf4_block = whole / SIZES["num_hidden_layers"]  # about: the block being sharded, whole in NF4
         assert rep["peak_streamed"] <= held + rep["adapter_bytes"] + 1.5 * rep["block_bytes"] + nf4_block, rep
     assert reports[0]["logits"] == reports[1]["logits"]
+
+
+@pytest.mark.slow
+def test_finetune_fsdp_on_a_transformers_folder_trains_what_one_process_trains(tmp_path: Path) -> None:
+    """``lora-core finetune --fsdp`` streams the folder into shards (QLoRA, the default); 2 ranks × batch 1
+    train what one process trains with batch 2."""
+    from tiny_llama import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "llama")
+    text = "".join(f"{i} green bottles hanging on the wall, and {i % 7} fell.\n" for i in range(200))
+    (tmp_path / "data.txt").write_text(text)
+    common = ["-m", "lora_core.cli", "finetune", "--model", str(tmp_path / "llama"), "--data",
+              str(tmp_path / "data.txt"), "--steps", "2", "--seq-len", "32", "--lr", "1e-2", "--dropout",
+              "0", "--sample-tokens", "0", "--eval-blocks", "2", "--no-progress",
+              "--gradient-checkpointing"]  # fmt: skip
+    runs = {
+        "fsdp": [*torchrun(2), *common, "--batch-size", "1", "--fsdp", "--cpu-offload"],
+        "one": [sys.executable, *common, "--batch-size", "2"],
+    }
+    for name, cmd in runs.items():
+        cmd += ["--output-dir", str(tmp_path / name)]
+        result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+    fsdp, one = (load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in runs)
+    assert sorted(fsdp) == sorted(one) and any("lora_B" in k and v.abs().sum() > 0 for k, v in one.items())
+    for key in one:
+        assert_close(fsdp[key], one[key])
+    metrics = [json.loads((tmp_path / n / "metrics.json").read_text()) for n in runs]
+    assert metrics[0]["total_params"] == metrics[1]["total_params"] > 0
+    for key in ("eval_loss_before", "eval_loss_after"):
+        assert_close(torch.tensor(metrics[0][key]), torch.tensor(metrics[1][key]))
