@@ -1,7 +1,8 @@
 """One rank of ``test_streaming``'s torchrun check: ``python streaming_worker.py FOLDER OUT`` under torchrun.
 
 Loads FOLDER twice, the same seed before each: the reference (``from_pretrained`` → ``apply_lora`` →
-``shard_model``) and ``lc.load_pretrained(fsdp=True, cpu_offload=True)`` under a live-bytes tally, then writes
+``shard_model``) and ``lc.load_pretrained(fsdp=True, cpu_offload=True)`` under a live-bytes tally (QLoRA on
+every linear layer; then dense LoRA on two blocks of six, without the tally), then writes
 ``OUT/rank{R}.json``: whether the local shards, logits and adapter gradients are equal, the frozen bytes
 each holds, the streamed load's peak, and the sizes the test compares them with.
 """
@@ -25,6 +26,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def same_shards(ref: torch.nn.Module, model: torch.nn.Module) -> bool:
+    """The same state dict keys, and this rank's tensors (shards, adapters) equal, bit for bit."""
+    a, b = ref.state_dict(), model.state_dict()
+    return list(a) == list(b) and all(torch.equal(local(a[k]), local(b[k])) for k in a)
+
+
 def main() -> None:
     folder, out = Path(sys.argv[1]), Path(sys.argv[2])
     dist.init_process_group("gloo")
@@ -45,8 +52,7 @@ def main() -> None:
     with mode:
         model = lc.load_pretrained(folder, cfg, fsdp=True, cpu_offload=True)
 
-    a, b = ref.state_dict(), model.state_dict()
-    shards_equal = list(a) == list(b) and all(torch.equal(local(a[k]), local(b[k])) for k in a)
+    shards_equal = same_shards(ref, model)
     ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     logits = []
     for m in (ref, model):
@@ -67,6 +73,18 @@ def main() -> None:
         "block_bytes": block_bytes,
         "peak_streamed": mode.peak,
     }
+    # dense LoRA on two blocks only: the other four hold no frozen base, so they are the root's (as in
+    # shard_model), not units of their own
+    partial = lc.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], layers_to_transform=[0, 3])
+    torch.manual_seed(2)
+    ref = shard_model(lc.apply_lora(AutoModelForCausalLM.from_pretrained(str(folder)), partial))
+    torch.manual_seed(2)
+    model = lc.load_pretrained(folder, partial, fsdp=True)
+    a, b = ref.state_dict(), model.state_dict()
+    report["partial_shards_equal"] = list(a) == list(b) and all(
+        torch.equal(local(a[k]), local(b[k])) for k in a
+    )
+    report["partial_logits_equal"] = torch.equal(ref(ids).logits, model(ids).logits)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()

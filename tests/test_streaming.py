@@ -240,6 +240,7 @@ def test_two_ranks_stream_their_shards_equal_to_the_reference_and_half_the_base(
     for rep in reports:
         print({k: v for k, v in rep.items() if k != "logits"})
         assert rep["shards_equal"] and rep["logits_equal"] and rep["grads_equal"], rep
+        assert rep["partial_shards_equal"] and rep["partial_logits_equal"], rep
         whole, held = rep["frozen_bytes_whole"], rep["frozen_bytes_streamed"]
         assert held == rep["frozen_bytes_reference"]
         assert abs(held - whole / 2) <= 0.02 * whole, rep

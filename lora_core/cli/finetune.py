@@ -39,6 +39,7 @@ from lora_core.cli.common import (
     model_source,
     pick_device,
 )
+from lora_core.cli.plan import fsdp_needed
 from lora_core.cli.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
 from lora_core.training.state import CHECKPOINT_NAME, check_checkpoint_settings
 
@@ -125,6 +126,8 @@ def finetune(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.warmup is not None and args.warmup < 0:
         raise CliError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.fsdp and args.ddp:
+        raise CliError("--fsdp and --ddp exclude each other: pass one")
     if args.cpu_offload and not args.fsdp:
         raise CliError("--cpu-offload offloads the shards of --fsdp: pass --fsdp too")
     if args.sample_tokens is not None and args.sample_tokens < 0:
@@ -186,6 +189,17 @@ def finetune(args: argparse.Namespace) -> int:
         target_modules=targets if targets == "all-linear" else targets.split(","),
     )
     total_params = sum(p.numel() for p in model.parameters())  # before NF4 packs the base
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if kind == "folder" and world > 1 and device.type == "cuda" and not (args.fsdp or args.ddp):
+        gpu_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+        note = fsdp_needed(
+            folder, gpus=world, gpu_gb=gpu_gb, seq=seq_len, batch=batch_size, r=args.r, targets=targets,
+            quantize=args.quantize, grad_ckpt=args.gradient_checkpointing,
+        )  # fmt: skip
+        if note is not None:  # DDP would not fit the GPUs, FSDP does: shard, and say so once
+            args.fsdp = True
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(note, file=sys.stderr)
     torch.manual_seed(args.seed)  # the adapters' initialization
     if kind == "folder":
         model = _load_streamed(folder, cfg, device, args.fsdp, args.cpu_offload)

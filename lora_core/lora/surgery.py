@@ -6,6 +6,8 @@
     merge_lora / unmerge_lora    W₀ ⇄ W₀ + s·BA in every layer not yet / already merged (exact up to rounding)
     unload_lora(model)           merged, adapters gone: the plain modules again
     trainable_parameters(model)  how much of the model trains
+    plan_surgery / wrap_layer / finish_surgery   apply_lora in steps, for a model filled as it loads
+                                 (``lc.load_pretrained`` wraps each target as soon as its weight is read)
 
 Targets are matched by module path, as PEFT does: a list of names matches a path equal to a name or ending
 in ``.<name>``; a string is a regex matched against the whole path; ``"all-linear"`` takes every linear

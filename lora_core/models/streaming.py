@@ -27,7 +27,8 @@ model on ``device`` (a 70B model: 140 GB of bf16) before ``apply_lora`` quantize
 Peak memory of a process (``device``; the host's too, as nothing is staged there): the finished model (its
 shards under FSDP) + one dense layer weight and the quantizer's temporaries (≤ 17 bytes an element of that
 weight, at most 4 M elements at a time); under FSDP + the block being sharded, whole in NF4, until its
-shards are cut. A 70B Llama on 2 ranks: ≈ 19 GB of NF4 shards each + ≈ 0.5 GB (one bf16 MLP weight).
+shards are cut. A 70B Llama on 2 ranks: ≈ 17 GiB of NF4 shards each + ≈ 0.4 GiB (a block in NF4) +
+≈ 0.44 GiB (one bf16 MLP weight), where the reference path needs 140 GB on one device.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_core.lora.bases import HoldsFrozenBase
 from lora_core.lora.config import LoraConfig
 from lora_core.lora.quantize_base import quantize_frozen_linears
 from lora_core.lora.registry import replace_module
@@ -258,6 +260,10 @@ def _sources(model: nn.Module, reader: _Reader) -> dict[int, str]:
     return found
 
 
+def _holds_frozen_base(module: nn.Module) -> bool:
+    return any(isinstance(m, HoldsFrozenBase) for m in module.modules())
+
+
 class _Loader:
     """Step 3 (and 4) of the module docstring over one model."""
 
@@ -298,9 +304,9 @@ class _Loader:
         self.materialize(module)
         for name, child in module.named_children():
             self.visit(child, f"{path}.{name}" if path else name)
-        if self.sharder is not None and id(module) in self.blocks:
+        if self.sharder is not None and id(module) in self.blocks and _holds_frozen_base(module):
             mark_trainable(self.model, self.config, self.plan.to_save)  # adapters stay out of the shards
-            self.sharder.shard_unit(module)  # no-op for a block that holds no frozen base
+            self.sharder.shard_unit(module)  # a block of fsdp_units (one without a base: the root's)
 
     def materialize(self, module: nn.Module) -> None:
         """``module``'s own parameters and buffers, from the checkpoint, on the device."""
