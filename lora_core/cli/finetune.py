@@ -118,6 +118,7 @@ def finetune(args: argparse.Namespace) -> int:
 
     import lora_core as lc
     from lora_core.models import pretrained
+    from lora_core.models.streaming import INDEX, SINGLE
     from lora_core.training.data import load_dataset
 
     check_positive(
@@ -162,9 +163,11 @@ def finetune(args: argparse.Namespace) -> int:
         train_files, eval_files = [args.data], ([args.eval_data] if args.eval_data else None)
     prompt, chat = _sample_prompt(args, train_files)
     kind, folder, base_name = model_source(args.model)
+    if kind == "folder" and not any((folder / name).is_file() for name in (SINGLE, INDEX)):
+        kind = "whole"  # no safetensors checkpoint (pytorch_model.bin): transformers loads it whole
     if kind == "folder":  # streamed (lc.load_pretrained) once the LoRA config is known; its shapes now
         model, tokenizer = _empty_model(folder), load_tokenizer(folder)
-    else:  # the built-in model, a saved tiny one, a .gguf file: loaded whole, as before
+    else:  # the built-in model, a saved tiny one, a .gguf file, a .bin checkpoint: loaded whole, as before
         model, tokenizer, base_name = load_model(args.model, device)
     context = _context_length(model)
     if context is not None and seq_len > context:
