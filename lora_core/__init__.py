@@ -37,6 +37,7 @@ from lora_core.lora.surgery import (
     unload_lora,
     unmerge_lora,
 )
+from lora_core.models.streaming import load_pretrained
 from lora_core.models.tiny import CharTokenizer, TinyCausalLM, TinyConfig, TinyForSequenceClassification
 from lora_core.quant.checkpoint import (
     load_bnb_checkpoint,
@@ -64,6 +65,7 @@ __all__: list[str] = [
     "load_adapter",
     "loraplus_optimizer",
     "loraplus_param_groups",
+    "load_pretrained",
     "merge_lora",
     "save_adapter",
     "trainable_parameters",

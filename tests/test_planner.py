@@ -217,6 +217,28 @@ def test_auto_shards_only_when_replicas_do_not_fit_and_offload_leaves_only_the_g
     assert off.gathered == sharded.gathered and off.margin == off.gpu_bytes - off.total
 
 
+def test_finetune_under_torchrun_shards_only_where_ddp_does_not_fit_and_fsdp_does(tmp_path: Path) -> None:
+    """``lora-core finetune`` on GPUs without --fsdp / --ddp: `fsdp_needed` decides (pure: shapes only)."""
+    from lora_core.cli.plan import fsdp_needed
+
+    run = dict(gpus=2, seq=2048, batch=1, r=16, targets="all-linear", quantize="nf4", grad_ckpt=True)
+    note = fsdp_needed("70b", gpu_gb=40, **run)  # DDP 46.3 GiB, FSDP 30.5 GiB per GPU (the docs' table)
+    assert note is not None and note.startswith("using --fsdp") and "--ddp" in note and "\n" not in note
+    assert fsdp_needed("7b", gpu_gb=24, **run) is None  # DDP fits: the default stays
+    assert fsdp_needed("70b", gpu_gb=8, **run) is None  # neither fits: nothing to gain by switching
+    assert fsdp_needed("70b", gpu_gb=40, **{**run, "targets": "q_proj,score"}) is None  # unknown target
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
+    assert fsdp_needed(tmp_path, gpu_gb=40, **run) is None  # shapes the planner cannot read
+
+
+def test_fsdp_and_ddp_together_are_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from lora_core.cli import main
+
+    assert main(["finetune", "--model", "tiny", "--fsdp", "--ddp"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-core: error:") and err.count("\n") == 1 and "--ddp" in err, err
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fsdp", action="store_true", help="under torchrun: shard the frozen base over the processes (FSDP2)"
     )
     ft.add_argument(
+        "--ddp",
+        action="store_true",
+        help="under torchrun: every process holds the whole base (the default, unless the planner says "
+        "only --fsdp fits the GPUs)",
+    )
+    ft.add_argument(
         "--cpu-offload", action="store_true", help="with --fsdp: keep the base's shards in CPU memory"
     )
     ft.add_argument(

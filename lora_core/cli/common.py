@@ -42,29 +42,49 @@ def load_model(name: str | None, device: Any) -> tuple[Any, Any, str]:
     """``(model, tokenizer, base_name)`` for ``tiny``, a transformers folder, a .gguf file, or the default."""
     from lora_core.models import pretrained
 
-    if name == TINY:
-        from lora_core.models.tiny import CharTokenizer, TinyCausalLM
+    source = model_source(name)
+    if source[0] == TINY:
+        from lora_core.models.tiny import CharTokenizer, TinyCausalLM, load_tiny
 
-        return TinyCausalLM(seed=0).to(device), CharTokenizer(), TINY
-    if name is None or name == SMOLLM2_HUB_NAME:
-        folder, base = pretrained.smollm2_folder(), SMOLLM2_HUB_NAME
-    else:
-        folder, base = Path(name), str(Path(name).resolve())
-        if not folder.exists():
-            raise CliError(f"model not found: {name} (a transformers folder, a .gguf file, or '{TINY}')")
-        if folder.is_file() and folder.suffix != ".gguf":
-            raise CliError(f"{name} is neither a model folder nor a .gguf file")
-        if folder.is_dir():
-            config = read_json(folder / "config.json", f"{name} is not a model folder")
-            if config.get("model_type") == "lora_core_tiny":
-                from lora_core.models.tiny import CharTokenizer, load_tiny
-
-                return load_tiny(folder).to(device), CharTokenizer(), base
+        model = TinyCausalLM(seed=0) if source[1] is None else load_tiny(source[1])
+        return model.to(device), CharTokenizer(), source[2]
+    _, folder, base = source
     try:
         model, tokenizer = pretrained.load_hf_causal_lm(folder)
     except OSError as e:  # transformers: no weights, an unreadable config or tokenizer, a bad GGUF file
         raise CliError(f"cannot load the model in {folder}: {e}") from None
     return model.to(device), tokenizer, base
+
+
+def model_source(name: str | None) -> tuple[str, Path | None, str]:
+    """``(kind, path, base_name)`` of ``--model``: kind ``"tiny"`` (path None: the built-in model, or a saved
+    tiny model's folder), ``"folder"`` (a transformers folder; the default: SmolLM2's cached one) or
+    ``"gguf"`` (a .gguf file, converted to a cached folder when loaded)."""
+    from lora_core.models import pretrained
+
+    if name == TINY:
+        return TINY, None, TINY
+    if name is None or name == SMOLLM2_HUB_NAME:
+        return "folder", pretrained.smollm2_folder(), SMOLLM2_HUB_NAME
+    path, base = Path(name), str(Path(name).resolve())
+    if not path.exists():
+        raise CliError(f"model not found: {name} (a transformers folder, a .gguf file, or '{TINY}')")
+    if path.is_file() and path.suffix != ".gguf":
+        raise CliError(f"{name} is neither a model folder nor a .gguf file")
+    if path.is_file():
+        return "gguf", path, base
+    config = read_json(path / "config.json", f"{name} is not a model folder")
+    return (TINY if config.get("model_type") == "lora_core_tiny" else "folder"), path, base
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a transformers folder (the model itself is streamed: ``lc.load_pretrained``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except OSError as e:
+        raise CliError(f"cannot load the tokenizer in {folder}: {e}") from None
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

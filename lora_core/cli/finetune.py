@@ -36,8 +36,11 @@ from lora_core.cli.common import (
     check_output_path,
     check_positive,
     load_model,
+    load_tokenizer,
+    model_source,
     pick_device,
 )
+from lora_core.cli.plan import fsdp_needed
 from lora_core.cli.run_folder import LOCK_NAME, FolderBusy, hold_folder_lock
 from lora_core.training.state import CHECKPOINT_NAME, check_checkpoint_settings
 
@@ -116,6 +119,7 @@ def finetune(args: argparse.Namespace) -> int:
 
     import lora_core as lc
     from lora_core.models import pretrained
+    from lora_core.models.streaming import INDEX, SINGLE
     from lora_core.training.data import load_dataset
 
     check_positive(
@@ -126,6 +130,8 @@ def finetune(args: argparse.Namespace) -> int:
         raise CliError(f"--warmup must be >= 0, got {args.warmup}")
     if args.seq_len is not None and args.seq_len < 2:  # a block predicts tokens 2..n from 1..n-1
         raise CliError(f"--seq-len must be >= 2, got {args.seq_len}")
+    if args.fsdp and args.ddp:
+        raise CliError("--fsdp and --ddp exclude each other: pass one")
     if args.cpu_offload and not args.fsdp:
         raise CliError("--cpu-offload offloads the shards of --fsdp: pass --fsdp too")
     if args.sample_tokens is not None and args.sample_tokens < 0:
@@ -159,7 +165,13 @@ def finetune(args: argparse.Namespace) -> int:
     else:
         train_files, eval_files = [args.data], ([args.eval_data] if args.eval_data else None)
     prompt, chat = _sample_prompt(args, train_files)
-    model, tokenizer, base_name = load_model(args.model, device)
+    kind, folder, base_name = model_source(args.model)
+    if kind == "folder" and not any((folder / name).is_file() for name in (SINGLE, INDEX)):
+        kind = "whole"  # no safetensors checkpoint (pytorch_model.bin): transformers loads it whole
+    if kind == "folder":  # streamed (lc.load_pretrained) once the LoRA config is known; its shapes now
+        model, tokenizer = _empty_model(folder), load_tokenizer(folder)
+    else:  # the built-in model, a saved tiny one, a .gguf file, a .bin checkpoint: loaded whole, as before
+        model, tokenizer, base_name = load_model(args.model, device)
     context = _context_length(model)
     if context is not None and seq_len > context:
         raise CliError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens")
@@ -183,8 +195,22 @@ def finetune(args: argparse.Namespace) -> int:
         target_modules=targets if targets == "all-linear" else targets.split(","),
     )
     total_params = sum(p.numel() for p in model.parameters())  # before NF4 packs the base
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if kind == "folder" and world > 1 and device.type == "cuda" and not (args.fsdp or args.ddp):
+        gpu_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+        note = fsdp_needed(
+            folder, gpus=world, gpu_gb=gpu_gb, seq=seq_len, batch=batch_size, r=args.r, targets=targets,
+            quantize=args.quantize, grad_ckpt=args.gradient_checkpointing,
+        )  # fmt: skip
+        if note is not None:  # DDP would not fit the GPUs, FSDP does: shard, and say so once
+            args.fsdp = True
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(note, file=sys.stderr)
     torch.manual_seed(args.seed)  # the adapters' initialization
-    model = lc.apply_lora(model, cfg)
+    if kind == "folder":
+        model = _load_streamed(folder, cfg, device, args.fsdp, args.cpu_offload)
+    else:
+        model = lc.apply_lora(model, cfg)
 
     train_cfg = lc.TrainConfig(
         output_dir=out_dir,
@@ -226,6 +252,31 @@ def finetune(args: argparse.Namespace) -> int:
         code = _train_and_save(model, tokenizer, train_set, eval_set, train_cfg, out_dir, device, args, run)
     _leave_process_group()
     return code
+
+
+def _empty_model(folder: Path) -> Any:
+    from lora_core.models.streaming import empty_model
+
+    try:
+        return empty_model(folder)
+    except (OSError, ValueError) as e:  # no checkpoint, an unreadable config.json
+        raise CliError(f"cannot load the model in {folder}: {e}") from None
+
+
+def _load_streamed(folder: Path, cfg: Any, device: Any, fsdp: bool, cpu_offload: bool) -> Any:
+    """``lc.load_pretrained``: equal to ``apply_lora(from_pretrained(folder).to(device), cfg)`` bit for bit,
+    but only one dense layer is ever in memory; under ``torchrun --fsdp`` each block is sharded as it loads
+    (so a model larger than one device, or than one host's memory per rank, can be loaded at all)."""
+    import torch
+    import torch.distributed as dist
+
+    import lora_core as lc
+
+    sharded = fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1  # one process: nothing to shard
+    if sharded and not dist.is_initialized():  # as lc.train would, a step earlier: the load shards
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # its ValueErrors (a tensor missing from the checkpoint, of another shape) are one line, exit 2
+    return lc.load_pretrained(folder, cfg, device=device, fsdp=sharded, cpu_offload=cpu_offload and sharded)
 
 
 def _leave_process_group() -> None:

@@ -71,3 +71,29 @@ def plan_command(args: argparse.Namespace) -> int:
         raise CliError(message) from None
     print(plan.table())
     return 0 if plan.fits else 1
+
+
+def fsdp_needed(
+    model: Any, *, gpus: int, gpu_gb: float, seq: int, batch: int, r: int, targets: str, quantize: str,
+    grad_ckpt: bool,
+) -> str | None:  # fmt: skip
+    """What ``lora-core finetune`` under ``torchrun`` on GPUs does when neither ``--fsdp`` nor ``--ddp`` is
+    given: None keeps DDP (it fits, FSDP does not fit either, or the planner cannot read ``model``'s
+    shapes); otherwise the one line to print when it shards the base instead (FSDP fits where DDP does not).
+    ``targets``: ``--target-modules`` (``all-linear`` or comma-separated names)."""
+    from lora_core.training.planner import plan_memory
+
+    names = targets if targets == "all-linear" else tuple(targets.split(","))
+    kwargs = dict(gpus=gpus, gpu_gb=gpu_gb, seq=seq, batch=batch, r=r, targets=names, quantize=quantize,
+                  grad_ckpt=grad_ckpt)  # fmt: skip
+    try:
+        ddp, fsdp = (plan_memory(model, strategy=s, **kwargs) for s in ("ddp", "fsdp"))
+    except (ValueError, TypeError):  # not a Llama-shaped config.json, a target the planner does not model
+        return None
+    if ddp.fits or not fsdp.fits:
+        return None
+    gib = 2**30
+    return (
+        f"using --fsdp: lora-core plan puts DDP at {ddp.total / gib:.1f} GiB per GPU, more than the "
+        f"{gpu_gb:.1f} GiB there, and FSDP at {fsdp.total / gib:.1f} GiB (pass --ddp to keep DDP)"
+    )

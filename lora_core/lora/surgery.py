@@ -6,6 +6,8 @@
     merge_lora / unmerge_lora    W₀ ⇄ W₀ + s·BA in every layer not yet / already merged (exact up to rounding)
     unload_lora(model)           merged, adapters gone: the plain modules again
     trainable_parameters(model)  how much of the model trains
+    plan_surgery / wrap_layer / finish_surgery   apply_lora in steps, for a model filled as it loads
+                                 (``lc.load_pretrained`` wraps each target as soon as its weight is read)
 
 Targets are matched by module path, as PEFT does: a list of names matches a path equal to a name or ending
 in ``.<name>``; a string is a regex matched against the whole path; ``"all-linear"`` takes every linear
@@ -269,36 +271,70 @@ def apply_lora(
     # Validate everything before touching the model.
     if device is not None:
         device = _check_device(device)  # a bad or absent device fails here, not halfway through the surgery
-    paths = find_targets(model, cfg)
-    to_save = find_modules_to_save(model, cfg)
+    surgery = plan_surgery(model, cfg)
     modules = dict(model.named_modules())
-    plan = plan_layers(model, cfg, paths)  # the class per target; r, nf4 and init checked per layer type
-    rest = frozen_linear_paths(model, set(paths) | _output_head(model), to_save) if cfg.quantize_base else []
-    check_linear4bits(model, paths + rest)  # bitsandbytes weights adopted below: read them all first
-
     if existing:
-        add_model_adapter(model, cfg, adapter_name, plan, device)
+        add_model_adapter(model, cfg, adapter_name, surgery.layers, device)
         record_quantization(model)
         return model
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     new_root: nn.Module | None = None
-    for path, r, alpha, cls, extra in plan:
+    for step in surgery.layers:
         if device is not None:
-            modules[path].to(device)  # this layer's dense weight only; QLoRA quantizes it right there
-        layer = cls.from_module(
-            modules[path], r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-            use_dora=cfg.use_dora, init=cfg.init, fan_in_fan_out=cfg.fan_in_fan_out,
-            adapter_name=adapter_name, **extra,
-        )  # fmt: skip
-        if path:
-            replace_module(model, path, layer)
+            modules[step[0]].to(device)  # this layer's dense weight only; QLoRA quantizes it right there
+        layer = wrap_layer(modules[step[0]], cfg, step, adapter_name)
+        if step[0]:
+            replace_module(model, step[0], layer)
         else:
             new_root = layer
     root = new_root if new_root is not None else model
-    quantize_frozen_linears(root, rest, cfg.quant_block_size, cfg.double_quant, device)  # cfg.quantize_base
+    quantize_frozen_linears(root, surgery.rest, cfg.quant_block_size, cfg.double_quant, device)
     if device is not None:
         root.to(device)  # the rest (embeddings, norms, head); NF4 weights keep their dtypes
+    finish_surgery(root, cfg, surgery, flags, adapter_name)
+    return root
+
+
+LayerStep = tuple[str, int, float, type[LoRALinear], dict[str, object]]  # path, r, alpha, class, extra
+
+
+@dataclass(frozen=True)
+class SurgeryPlan:
+    """What `apply_lora` does to a model, decided (and validated) before it touches it: the target paths,
+    the modules trained fully, ``(path, r, alpha, class, extra arguments)`` per target (``plan_layers``) and
+    the non-target linear layers ``quantize_base`` stores in NF4."""
+
+    paths: list[str]
+    to_save: list[str]
+    layers: list[LayerStep]
+    rest: list[str]
+
+
+def plan_surgery(model: nn.Module, cfg: LoraConfig) -> SurgeryPlan:
+    """`SurgeryPlan` of ``cfg`` on ``model``, raising as `apply_lora` does. It reads module types, paths and
+    shapes only, so it also plans a model whose weights are still on the ``meta`` device."""
+    paths = find_targets(model, cfg)
+    to_save = find_modules_to_save(model, cfg)
+    layers = plan_layers(model, cfg, paths)  # the class per target; r, nf4 and init checked per layer type
+    rest = frozen_linear_paths(model, set(paths) | _output_head(model), to_save) if cfg.quantize_base else []
+    check_linear4bits(model, paths + rest)  # bitsandbytes weights adopted below: read them all first
+    return SurgeryPlan(paths, to_save, layers, rest)
+
+
+def wrap_layer(module: nn.Module, cfg: LoraConfig, step: LayerStep, adapter_name: str = DEFAULT) -> nn.Module:
+    """The LoRA layer of one `SurgeryPlan` step around ``module`` (its weight read, NF4-quantized for QLoRA,
+    the adapter initialized: the only step that draws from the RNG)."""
+    _, r, alpha, cls, extra = step
+    return cls.from_module(
+        module, r=r, alpha=alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        init=cfg.init, fan_in_fan_out=cfg.fan_in_fan_out, adapter_name=adapter_name, **extra,
+    )  # fmt: skip
+
+
+def mark_trainable(root: nn.Module, cfg: LoraConfig, to_save: list[str]) -> None:
+    """``requires_grad`` on what trains (adapters, the biases ``cfg.bias`` asks for, ``modules_to_save``);
+    idempotent, so a model built piece by piece can be marked after each piece."""
     for _, layer in lora_layers(root):
         for name, p in layer.named_parameters():
             if name.startswith("lora_"):
@@ -311,6 +347,15 @@ def apply_lora(
                 p.requires_grad_(True)
     for path in to_save:
         root.get_submodule(path).requires_grad_(True)
+
+
+def finish_surgery(
+    root: nn.Module, cfg: LoraConfig, plan: SurgeryPlan, flags: dict[str, bool], adapter_name: str = DEFAULT
+) -> None:
+    """After every layer is wrapped: mark what trains, record the config (``flags``: the parameters'
+    ``requires_grad`` before the surgery, restored by `unload_lora`), the NF4 layers and the input hook."""
+    paths, to_save = plan.paths, plan.to_save
+    mark_trainable(root, cfg, to_save)
     # As PEFT: "all-linear" is recorded as the names it resolved to, so the saved adapter_config.json
     # also loads in PEFT when it has layers_to_transform (PEFT refuses that with a string target).
     targets = sorted({p.rsplit(".", 1)[-1] for p in paths}) if cfg.target_modules == "all-linear" else None
@@ -327,7 +372,6 @@ def apply_lora(
     object.__setattr__(root, REQUIRES_GRAD_ATTR, flags)
     record_quantization(root)  # config.json says "4 bit" for save_pretrained / from_pretrained
     enable_input_grads(root)  # LoRA gradients under reentrant checkpointing with frozen embeddings
-    return root
 
 
 def get_lora_config(model: nn.Module) -> LoraConfig:

@@ -135,32 +135,58 @@ def shard_model(model: nn.Module, *, cpu_offload: bool = False) -> nn.Module:
     Raises:
         ValueError: ``torch.distributed`` is not initialized.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            "shard_model needs an initialized torch.distributed process group (run under torchrun)"
-        )
     if is_sharded(model):
         return model
-    device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
-    trainable = {p for p in model.parameters() if p.requires_grad}
-    holders = {h: _register_storage(h) for h in frozen_base_holders(model)}  # before FSDP sees the params
-    for unit in fsdp_units(model):
-        own = {p for p in unit.parameters() if p in trainable}
-        if len(own) < len(list(unit.parameters())):  # a unit with nothing frozen has nothing to shard
-            fully_shard(unit, mesh=mesh, offload_policy=offload, ignored_params=own)
-    fully_shard(model, mesh=mesh, offload_policy=offload, ignored_params=trainable)
-    for holder, names in holders.items():  # FSDP's hooks on a unit run before the holder's own forward
-        hook = _rebinder(names)
-        hook(holder, ())  # drop the base's references to the whole tensors: only the shards stay
-        holder.register_forward_pre_hook(hook)
-        if "weight" not in names.values():  # an NF4 base: its state dict entries are the shards
-            holder.register_state_dict_post_hook(_drop_unsharded_entries)
+    Sharder(next(model.parameters()).device, cpu_offload=cpu_offload).shard_root(model)
     return model
+
+
+class Sharder:
+    """`shard_model` one unit at a time, for a model sharded while it is built (``lc.load_pretrained``
+    shards each decoder block as soon as it is loaded): `shard_unit` on each block of `fsdp_units` once its
+    adapters are marked trainable, then `shard_root` on the model, which shards the units left and the root.
+    The result is `shard_model`'s.
+
+    Raises:
+        ValueError: ``torch.distributed`` is not initialized.
+    """
+
+    def __init__(self, device: torch.device, *, cpu_offload: bool = False) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "shard_model needs an initialized torch.distributed process group (run under torchrun)"
+            )
+        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+        self.done: set[int] = set()  # the holders rebound to their shards (ids)
+
+    def shard_unit(self, unit: nn.Module, *, root: bool = False) -> None:
+        """``fully_shard`` one unit (its frozen-base holders' tensors registered as Parameters first, and
+        their bases rebound to the shards right after); a unit with nothing frozen is left alone."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        holders = [h for h in frozen_base_holders(unit) if id(h) not in self.done]  # not in a unit before
+        names = {h: _register_storage(h) for h in holders}  # before FSDP sees the params
+        params = list(unit.parameters())
+        own = {p for p in params if p.requires_grad}
+        if root or (len(own) < len(params) and not isinstance(unit, FSDPModule)):
+            fully_shard(unit, mesh=self.mesh, offload_policy=self.offload, ignored_params=own)
+        for holder, held in names.items():  # FSDP's hooks on a unit run before the holder's own forward
+            hook = _rebinder(held)
+            hook(holder, ())  # drop the base's references to the whole tensors: only the shards stay
+            holder.register_forward_pre_hook(hook)
+            if "weight" not in held.values():  # an NF4 base: its state dict entries are the shards
+                holder.register_state_dict_post_hook(_drop_unsharded_entries)
+            self.done.add(id(holder))
+
+    def shard_root(self, model: nn.Module) -> None:
+        """The units of ``model`` not sharded yet, then ``model`` itself (the root: what is left)."""
+        for unit in fsdp_units(model):
+            self.shard_unit(unit)
+        self.shard_unit(model, root=True)
 
 
 @torch.no_grad()
@@ -195,6 +221,7 @@ def frozen_bytes(model: nn.Module) -> int:
 
 
 __all__ = [
+    "Sharder",
     "average_gradients",
     "frozen_base_holders",
     "frozen_bytes",
