@@ -10,7 +10,8 @@ from tolerances import assert_close
 from torch import nn
 
 import lora_core as lc
-from lora_core.lora.surgery import find_targets, lora_layers
+from lora_core.lora.registry import lora_layers
+from lora_core.lora.targets import find_targets
 
 
 class Block(nn.Module):

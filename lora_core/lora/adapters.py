@@ -44,7 +44,8 @@ from lora_core.lora.embedding import LoRAEmbedding
 from lora_core.lora.layer import LoRALinear
 from lora_core.lora.registry import adapter_configs, check_new_adapter_name, lora_layers, plan_layers
 from lora_core.lora.slots import DEFAULT, check_adapter_name
-from lora_core.lora.surgery import apply_lora, find_modules_to_save, find_targets, get_lora_config
+from lora_core.lora.surgery import apply_lora, get_lora_config
+from lora_core.lora.targets import find_modules_to_save, find_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

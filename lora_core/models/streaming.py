@@ -47,7 +47,7 @@ from lora_core.lora.config import LoraConfig
 from lora_core.lora.quantize_base import quantize_frozen_linears
 from lora_core.lora.registry import replace_module
 from lora_core.lora.surgery import (
-    _check_device,
+    check_device,
     finish_surgery,
     mark_trainable,
     plan_surgery,
@@ -215,7 +215,7 @@ def load_pretrained(
             wrong type.
     """
     path = _check_arguments(folder, config, device, dtype, fsdp, cpu_offload)
-    device = _check_device(device)
+    device = check_device(device)
     with contextlib.ExitStack() as stack:
         reader = _Reader(checkpoint_files(path), stack)
         model = _empty_model(path, dtype, reader)
