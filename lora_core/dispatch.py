@@ -217,8 +217,7 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     within float32 tolerance, not bit for bit (tests/test_cpu_gemm.py). The reference path keeps ``F.linear``.
     """
     if (
-        _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-        and x.dim() == 2 and w.dim() == 2 and x.numel() > 0 and w.numel() > 0
+        _onednn_ok(x, w)
         and x.is_contiguous()  # oneDNN's wrapper copies a strided x (a strided w it reads in place)
         and (bias is None or bias.dtype == torch.float32)
     ):  # fmt: skip
@@ -226,8 +225,36 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, w, bias)
 
 
+def _onednn_ok(x: Tensor, w: Tensor) -> bool:  # x (M, K), w (N, K): float32 CPU matrices, none empty
+    return (
+        _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+        and x.dim() == 2 and w.dim() == 2 and x.numel() > 0 and w.numel() > 0
+    )  # fmt: skip
+
+
+_SKINNY = 64  # a side this small (the adapter rank) is cheap to copy: r·K floats against r·K·N FLOPs
+
+
 def mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for 2-D tensors, as `linear` computes it: (M, K) @ (K, N) → (M, N)."""
+    """``a @ b`` for 2-D tensors, as `linear` computes it: (M, K) @ (K, N) → (M, N).
+
+    oneDNN takes a strided ``b`` in place but copies a strided ``a``, which torch's mm would not; so a
+    strided ``a`` goes to oneDNN only when one side of the product is skinny (≤ 64, an adapter's rank) —
+    the weight gradients of a LoRA layer, ``(G·sB)ᵀ x`` (r, in) and ``Gᵀ xa`` (out, r), both with
+    K = M tokens (transposed views of row-major activations)::
+
+        M ≤ 64:  linear(a.contiguous(), bᵀ)        copies a: M·K floats
+        N ≤ 64:  linear(bᵀ.contiguous(), a)ᵀ        (bᵀ aᵀ)ᵀ, copies b: K·N floats (returns a transposed view)
+
+    Measured on SmolLM2's shapes with one thread (M = 512 tokens, r = 16): ``Gᵀ xa`` for a 576 → 1536
+    layer 288 µs against MKL's 675, ``(G·sB)ᵀ x`` for 1536 → 576 282 µs against 379; the others within ±15 %.
+    """
+    if a.is_contiguous() or not _onednn_ok(a, b.T):
+        return linear(a, b.T)
+    if a.shape[0] <= _SKINNY:
+        return linear(a.contiguous(), b.T)
+    if b.shape[1] <= _SKINNY:
+        return linear(b.T.contiguous(), a).T
     return linear(a, b.T)
 
 

@@ -39,6 +39,19 @@ def test_linear_and_mm_equal_float64_within_float32_tolerance(
     assert_close(dispatch.mm(x.T.contiguous().T, w.T), x.double() @ w.double().T, torch.float32)
 
 
+@pytest.mark.parametrize("m, k, n", [(16, 512, 1536), (1536, 512, 16), (70, 300, 200), (8, 5, 3)])
+def test_mm_of_transposed_activations_equals_float64(m: int, k: int, n: int) -> None:
+    """The weight-gradient products ``aᵀ b`` of a LoRA layer: ``a`` a transposed view (K = tokens), one side
+    skinny (the rank) or neither; every route of `dispatch.mm` against float64, and b strided too. Sums of
+    k = 512 terms: compared as vectors (an entry near 0 carries the others' rounding)."""
+    a = _randn(k, m, seed=m).T  # (m, k), strided
+    rtol, _ = tolerance(torch.float32)
+    for b in (_randn(k, n, seed=n), _randn(n, k, seed=n + 1).T):
+        got, want = dispatch.mm(a, b), a.double() @ b.double()
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        assert torch.linalg.vector_norm(got - want) <= rtol * torch.linalg.vector_norm(want)
+
+
 def test_linear_keeps_other_dtypes_and_empty_shapes_on_torch() -> None:
     x, w = _randn(3, 4, seed=0, dtype=torch.float64), _randn(5, 4, seed=1, dtype=torch.float64)
     assert torch.equal(dispatch.linear(x, w), torch.nn.functional.linear(x, w))  # float64: F.linear itself

@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 from lora_core import dispatch
 from lora_core.quant.nf4 import (
     NF4_CODE,
+    nf4_block_scales,
     nf4_dequantize_ref,
     nf4_matmul_grad_ref,
     nf4_matmul_ref,
     quantize_nf4,
 )
-from lora_core.quant.nf4_lookup import nf4_dequantize_lookup, pair_table
+from lora_core.quant.nf4_lookup import _block_scales, nf4_dequantize_lookup, pair_table
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -62,6 +63,18 @@ def test_lookup_reads_the_weights_own_code_table_and_strided_bytes() -> None:
     q.packed = wide[:, 0]  # stride 2
     assert not q.packed.is_contiguous()
     assert torch.equal(nf4_dequantize_lookup(q, torch.float32), nf4_dequantize_ref(q, torch.float32))
+
+
+@pytest.mark.parametrize("shape, block", [((96, 64), 16), ((300, 70), 16), ((1, 8200), 16), ((2, 8193), 64)])
+def test_double_quantized_scales_over_whole_and_partial_nested_groups(shape: tuple[int, int], block: int):
+    """The in-place undo of double quantization (`_block_scales`) over whole 256-block groups, a partial last
+    group and a partial last block: the reference's ``nf4_block_scales`` bit for bit, and so the weight."""
+    q = quantize_nf4(_weight(shape, 7, 2.0), block, True)
+    assert q.absmax.numel() >= 256
+    assert torch.equal(_block_scales(q), nf4_block_scales(q))
+    assert torch.equal(nf4_dequantize_lookup(q, torch.float32), nf4_dequantize_ref(q, torch.float32))
+    q.nested_code = q.nested_code * 0.75  # another 8-bit map: read from the weight, as the reference does
+    assert torch.equal(nf4_dequantize_lookup(q, torch.bfloat16), nf4_dequantize_ref(q, torch.bfloat16))
 
 
 def test_empty_weight() -> None:

@@ -11,8 +11,8 @@ The model is a transformers ``LlamaForCausalLM`` from a config with random weigh
 once to a temporary safetensors checkpoint that every case loads fresh, as a user would load a pretrained
 model: ``default``: hidden 2048, intermediate 5632, 12 layers, 16 heads, vocab 32000, bf16, batch 4 × 1024,
 no gradient checkpointing; ``7b``: hidden 4096, intermediate 11008, 32 layers, 32 heads, batch 1 × 2048,
-gradient checkpointing. LoRA r = 16, α = 32 on q, k, v, o, gate, up, down; AdamW (fused on CUDA, the same
-for every case). Every case trains on the same random token batches (labels = inputs).
+gradient checkpointing. LoRA r = 16, α = 32 on q, k, v, o, gate, up, down; AdamW (fused, also on a CPU;
+the same for every case). Every case trains on the same random token batches (labels = inputs).
 
 Each case is timed by its own plain step loop — forward, loss, backward, ``AdamW.step``, ``zero_grad`` —
 so it measures the library, not a trainer. Warm-up steps are excluded; the timed steps run between two

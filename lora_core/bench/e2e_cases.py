@@ -213,7 +213,10 @@ def build_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namesp
     load_s = time.perf_counter() - t0
     model.train()  # from_pretrained returns eval mode; checkpointing only acts in training
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, fused=device.type == "cuda")
+    # fused: one kernel over all the adapters' tensors, on a CPU too (torch ≥ 2.4). The for-loop AdamW runs
+    # ~10 small ops per tensor (420 tensors for SmolLM2 r = 16): measured 21 ms per step with one thread
+    # against 6 fused, and 165 vs 16 ms of CPU with two threads, where every small op is a thread barrier.
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
     return model, loss_fn, opt, params, load_s
 
 
@@ -229,7 +232,8 @@ def meta(case: str, spec: dict[str, Any], args: argparse.Namespace, device: torc
     return {
         "device": name, "versions": meta_versions, "case": case, "model": spec,
         "target_modules": TARGET_MODULES,
-        "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "lr": args.lr, "optimizer": "AdamW",
+        "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "lr": args.lr,
+        "optimizer": "AdamW (fused)",
         "steps": args.steps, "warmup": args.warmup, "loss_chunk": args.loss_chunk,
         "dtype": str(model_dtype(spec)).removeprefix("torch."),
         "timer": "perf_counter between cuda.synchronize() over the timed steps; per-step CUDA events",

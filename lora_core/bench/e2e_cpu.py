@@ -8,7 +8,7 @@ The cases are ``lora_core.bench.e2e_cases``' — a lora_core QLoRA, b PEFT + bit
 c lora_core LoRA, d PEFT LoRA — built by the same code, here in float32 (bitsandbytes computes in float32
 too): SmolLM2-135M-Instruct
 (``lora_core.models.pretrained``, 30 layers, hidden 576, vocabulary 49152, tied head), LoRA r = 16, α = 32
-on q, k, v, o, gate, up, down of every layer, AdamW, batches of 4 × 128 tokens of Shakespeare (the same
+on q, k, v, o, gate, up, down of every layer, fused AdamW, batches of 4 × 128 tokens of Shakespeare (the same
 batches for every case; random tokens when the ``shakespeare`` package is missing, and for ``tiny``).
 
 How it measures, on a machine other jobs may share:
