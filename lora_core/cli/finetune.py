@@ -137,6 +137,7 @@ def finetune(args: argparse.Namespace) -> int:
     if args.sample_tokens is not None and args.sample_tokens < 0:
         raise CliError(f"--sample-tokens must be >= 0 (0: no sample), got {args.sample_tokens}")
     device = pick_device(args.device)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # torchrun's
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     steps = args.steps or defaults["steps"]
     batch_size = args.batch_size or defaults["batch_size"]
@@ -175,7 +176,7 @@ def finetune(args: argparse.Namespace) -> int:
     context = _context_length(model)
     if context is not None and seq_len > context:
         raise CliError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens")
-    G = batch_size * args.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    G = batch_size * args.grad_accum * world
     need = steps * G * seq_len  # one pass of exactly the blocks the run will see
     if eval_files:
         train_set, _ = load_dataset(train_files, tokenizer, seq_len, max_tokens=need)
@@ -195,7 +196,6 @@ def finetune(args: argparse.Namespace) -> int:
         target_modules=targets if targets == "all-linear" else targets.split(","),
     )
     total_params = sum(p.numel() for p in model.parameters())  # before NF4 packs the base
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if kind == "folder" and world > 1 and device.type == "cuda" and not (args.fsdp or args.ddp):
         gpu_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
         note = fsdp_needed(
@@ -204,11 +204,11 @@ def finetune(args: argparse.Namespace) -> int:
         )  # fmt: skip
         if note is not None:  # DDP would not fit the GPUs, FSDP does: shard, and say so once
             args.fsdp = True
-            if int(os.environ.get("RANK", "0")) == 0:
+            if rank == 0:
                 print(note, file=sys.stderr)
     torch.manual_seed(args.seed)  # the adapters' initialization
-    if kind == "folder":
-        model = _load_streamed(folder, cfg, device, args.fsdp, args.cpu_offload)
+    if kind == "folder":  # one process holds the whole model: nothing to shard
+        model = _load_streamed(folder, cfg, device, args.fsdp and world > 1, args.cpu_offload)
     else:
         model = lc.apply_lora(model, cfg)
 
@@ -242,9 +242,8 @@ def finetune(args: argparse.Namespace) -> int:
         },
     )
     if args.resume:  # refuse other settings now, not after the evaluation before training
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         check_checkpoint_settings(out_dir / CHECKPOINT_NAME, train_cfg.fingerprint(), world)
-    rank = int(os.environ.get("RANK", "0"))  # under torchrun rank 0 writes, and holds the folder for all
+    # under torchrun rank 0 writes, and holds the folder for all
     with _claim_run_folder(out_dir, args.resume) if rank == 0 else contextlib.nullcontext():
         run = {"base_name": base_name, "train_files": train_files, "steps": steps, "batch_size": batch_size,
                "seq_len": seq_len, "total_params": total_params, "prompt": prompt, "chat": chat,
@@ -263,7 +262,7 @@ def _empty_model(folder: Path) -> Any:
         raise CliError(f"cannot load the model in {folder}: {e}") from None
 
 
-def _load_streamed(folder: Path, cfg: Any, device: Any, fsdp: bool, cpu_offload: bool) -> Any:
+def _load_streamed(folder: Path, cfg: Any, device: Any, sharded: bool, cpu_offload: bool) -> Any:
     """``lc.load_pretrained``: equal to ``apply_lora(from_pretrained(folder).to(device), cfg)`` bit for bit,
     but only one dense layer is ever in memory; under ``torchrun --fsdp`` each block is sharded as it loads
     (so a model larger than one device, or than one host's memory per rank, can be loaded at all)."""
@@ -272,7 +271,6 @@ def _load_streamed(folder: Path, cfg: Any, device: Any, fsdp: bool, cpu_offload:
 
     import lora_core as lc
 
-    sharded = fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1  # one process: nothing to shard
     if sharded and not dist.is_initialized():  # as lc.train would, a step earlier: the load shards
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     # its ValueErrors (a tensor missing from the checkpoint, of another shape) are one line, exit 2

@@ -160,8 +160,8 @@ def _all_finite(params: list[nn.Parameter]) -> bool:
 def _can_fuse_adamw(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW (one kernel over all tensors, CPU and CUDA) can take ``params``: floating
     point, all on one CPU or CUDA device. It is the same update as the for-loop AdamW up to rounding
-    (~1e-8) and much cheaper for many small adapter tensors (on 2 CPU threads, 420 SmolLM2 adapters:
-    ~16 ms of CPU per step instead of ~165 ms)."""
+    (~1e-8) and much cheaper for many small adapter tensors (420 SmolLM2 adapters, 2 CPU threads, quiet
+    machine: 9 ms a step instead of 36)."""
     devices = {p.device for p in params}
     return (
         len(devices) == 1
