@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from lora_core.bench import e2e as bench_e2e
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_e2e.py"
+GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
 
 
 def cases_that_ran(meta: dict, rows: list, proc: subprocess.CompletedProcess) -> dict:
@@ -86,6 +88,9 @@ def test_cpu_harness_runs_each_case_in_its_own_process_and_writes_json(tmp_path:
         assert r["cpu_s_per_step_median"] > 0 and r["dtypes"]["lm_head"] == "float32"
         assert math.isfinite(r["loss_first"]) and abs(r["loss_first"] - math.log(512)) < 1.0
         assert r["trainable_params"] == by["a"]["trainable_params"]
+        if GLIBC:  # lc.train's malloc setting for the lora_core cases, glibc's default for PEFT's
+            assert r["malloc"] == ("kept freed memory" if key in "ac" else "glibc's default"), key
+    assert meta["keep_freed_memory"] == "lora_core"
     assert meta["loss_agreement"]["c_vs_d"] < 1e-3  # float32: the same model, batches and (zero-B) adapters
     assert meta["ratios"]["c_over_d"]["min_round"] <= meta["ratios"]["c_over_d"]["max_round"]
     if "b" in meta["ran"]:

@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "each case in its own process, rounds interleaved (lora_core.bench.e2e_cpu)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=5, help="--model: interleaved rounds (--steps over them)")
     p.add_argument("--threads", type=int, default=None, help="--model: torch threads per case (default all)")
+    p.add_argument("--keep-freed-memory", choices=["lora_core", "all", "none"], default="lora_core",
+                   help="--model: which cases run with lc.train's malloc setting (training.host_memory): "
+                   "the lora_core cases (what each library's users get), every case (the computation "
+                   "alone), or none")  # fmt: skip
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=["a", "b", "c", "d"])
     p.add_argument("--steps", type=int, default=10, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernels compile, AdamW state)")

@@ -22,6 +22,10 @@ How it measures, on a machine other jobs may share:
   forward, loss, backward, ``AdamW.step``, ``zero_grad``), robust to bursts of load; the mean (timed
   tokens ÷ timed seconds), per-round tokens/s, the per-round ratios a/b and c/d (the spread) and the
   median CPU seconds per step (``process_time``) are recorded too.
+- **malloc**: by default the lora_core cases run with ``lc.train``'s setting on a CPU (glibc keeps what a
+  step frees for the next, ``lora_core.training.host_memory``) and the PEFT cases with glibc's default:
+  what each library's users get. ``--keep-freed-memory all`` gives every case the setting (the
+  computation alone), ``none`` none; each row records its ``malloc``.
 - **Peak memory** = the worker's own peak resident set (``VmHWM``), measured over training only: after
   loading, every worker returns freed heap to the OS (``malloc_trim``) and resets the high-water mark
   (``/proc/self/clear_refs``); the load peak is recorded apart. Where the reset is not allowed, the peak
@@ -51,11 +55,13 @@ import torch
 from lora_core.bench import e2e_cases as e2e
 from lora_core.bench.common import write_json
 from lora_core.bench.e2e_report import evaluate_targets, format_table, loss_agreement, plot
+from lora_core.training.host_memory import keep_freed_memory
 
 MODELS: dict[str, dict[str, Any]] = {
     "smollm2": {"batch": 4, "seq": 128, "dtype": "float32", "grad_ckpt": False},
     "tiny": dict(e2e.MODELS["tiny"], dtype="float32"),
 }
+LORA_CORE_CASES = ("a", "c")  # the cases lc.train would run: they get its malloc setting by default
 MARK = "@@e2e_cpu "  # prefixes the workers' protocol lines on stdout (libraries may print there too)
 GIB = 2**30
 
@@ -108,12 +114,15 @@ def worker(args: argparse.Namespace) -> int:
     load_peak = _status_kib("VmHWM")
     memory_kind = _release_and_reset_peak()
     resident = _status_kib("VmRSS")
+    which = args.keep_freed_memory
+    keep = which == "all" or (which == "lora_core" and key in LORA_CORE_CASES)
+    malloc = (keep_freed_memory() or "kept freed memory") if keep else "glibc's default"
     losses = [
         float(e2e.train_step(model, loss_fn, opt, batches[i % len(batches)])) for i in range(args.warmup)
     ]
     _send({"ready": True, "load_s": load_s, "trainable_params": sum(p.numel() for p in params),
            "load_peak_kib": load_peak, "rss_after_load_kib": resident, "memory_kind": memory_kind,
-           "warmup_losses": losses, "threads": torch.get_num_threads(),
+           "warmup_losses": losses, "threads": torch.get_num_threads(), "malloc": malloc,
            "dtypes": {"embed": e2e.param_dtype(model, "embed_tokens.weight"),
                       "lm_head": e2e.param_dtype(model, "lm_head.weight"),
                       "final_norm": e2e.param_dtype(model, "model.norm.weight")}})  # fmt: skip
@@ -226,7 +235,8 @@ def _summarise(key: str, ready: dict[str, Any], rounds: list[list[float]], cpu_s
         "peak_gib": final["peak_kib"] * kib if final.get("peak_kib") else None,
         "load_peak_gib": ready["load_peak_kib"] * kib if ready.get("load_peak_kib") else None,
         "rss_after_load_gib": ready["rss_after_load_kib"] * kib if ready.get("rss_after_load_kib") else None,
-        "memory_kind": ready["memory_kind"], "threads": ready["threads"], "load_s": ready["load_s"],
+        "memory_kind": ready["memory_kind"], "malloc": ready.get("malloc"), "threads": ready["threads"],
+        "load_s": ready["load_s"],
         "trainable_params": ready["trainable_params"],
         "loss_first": (ready["warmup_losses"] or losses)[0], "loss_last": losses[-1],
         "profile": final.get("profile"), "dtypes": ready["dtypes"],
@@ -266,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         argv = ["--ckpt", str(folder), "--data", str(tmp / "batches.pt"), "--spec", json.dumps(spec),
                 "--threads", str(threads), "--warmup", str(args.warmup), "--r", str(args.r),
                 "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--lr", str(args.lr),
-                "--seed", str(args.seed)]  # fmt: skip
+                "--seed", str(args.seed), "--keep-freed-memory", args.keep_freed_memory]  # fmt: skip
         if args.loss_chunk is not None:
             argv += ["--loss-chunk", str(args.loss_chunk)]
         workers, ready, failed = {}, {}, {}
@@ -319,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         timer="perf_counter around each timed step; tokens/s from the median step; rounds interleave the "
         "cases (one process each, one at a time)",
         memory="peak resident set of each case's own process (VmHWM), reset after loading (memory_kind)",
+        keep_freed_memory=args.keep_freed_memory,
         ratios={"a_over_b": _ratios(rows, "a", "b"), "c_over_d": _ratios(rows, "c", "d")},
         targets=checks, loss_agreement=loss_agreement(rows), ran=[r["case"] for r in rows if r["ran"]],
         skipped={r["case"]: r["skipped"] for r in rows if not r["ran"]},
@@ -365,6 +376,7 @@ def _worker_parser() -> argparse.ArgumentParser:
     ):
         p.add_argument(name, type=kind, required=True)
     p.add_argument("--loss-chunk", type=int, default=None)
+    p.add_argument("--keep-freed-memory", choices=["lora_core", "all", "none"], default="lora_core")
     return p
 
 

@@ -28,6 +28,9 @@ go through ``model(input_ids).logits``.
 
 **Learning rate**: linear warm-up to ``lr`` over ``warmup_steps``, then cosine / linear decay to
 ``min_lr_ratio × lr``, or constant. LoRA+ (Hayou et al. 2024) trains ``B`` with ``lr × loraplus_lr_ratio``.
+
+**On a CPU** glibc's malloc is told to keep what a step frees for the next one (``host_memory``: no page
+faults after the first step, ≈ 15 % of a SmolLM2 step) and gives it back when training ends.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from lora_core.lora.optim import loraplus_optimizer, loraplus_param_groups
 from lora_core.training.config import TrainConfig
 from lora_core.training.data import IGNORE_INDEX, collate
 from lora_core.training.fsdp import average_gradients, is_sharded, shard_model
+from lora_core.training.host_memory import keep_freed_memory, release_freed_memory
 from lora_core.training.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
 from lora_core.training.state import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
@@ -306,6 +310,8 @@ def train(
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if device.type == "cpu":  # the freed activations serve the next step: no page faults (host_memory.py)
+        keep_freed_memory()
     sharded = cfg.fsdp and world > 1  # one process: nothing to shard
     if sharded:
         shard_model(model, cpu_offload=cfg.cpu_offload)  # the frozen base; adapters stay whole
@@ -418,6 +424,8 @@ def train(
                 f.write(json.dumps(final) + "\n")
     if writer:
         plot_loss_curve(history, out_dir / "loss_curve.png")
+    if device.type == "cpu":
+        release_freed_memory()  # what the steps held, back to the system; malloc keeps the thresholds
     return TrainResult(
         steps=total,
         train_loss=loss_val,
