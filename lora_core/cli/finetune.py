@@ -328,7 +328,7 @@ def _train_and_save(model: Any, tokenizer: Any, train_set: Any, eval_set: Any, t
     import torch
 
     import lora_core as lc
-    from lora_core.training.loop import plot_loss_curve
+    from lora_core.training.progress import plot_loss_curve
 
     base_name, train_files, steps = run["base_name"], run["train_files"], run["steps"]
     batch_size, seq_len, total_params = run["batch_size"], run["seq_len"], run["total_params"]

@@ -11,6 +11,7 @@ changes only what is written and read for the model:
     load_best_model_at_end          the same, from the best checkpoint
     a bitsandbytes 4-bit model      accepted once lora_core's adapters are on it (a plain Trainer refuses a
                                     model with ``hf_quantizer`` and no PEFT adapter as "purely quantized")
+    on a CPU                        glibc's malloc keeps what a step frees for the next (as ``lc.train``)
     gradient_checkpointing=True     nothing to do here: ``apply_lora`` hooks the input embeddings so their
                                     output requires grad (``lora_core.lora.hf_model``), so the checkpointed
                                     blocks pass gradients to the adapters, reentrant or not
@@ -35,6 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora_core.lora.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_state_dict, save_adapter
+from lora_core.training.host_memory import keep_freed_memory, release_freed_memory
 
 _UNSET = object()
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name, so its own tools find the arguments
@@ -96,6 +98,18 @@ class LoraTrainer(transformers.Trainer):
                 del model.__dict__[flag]
             elif hide:
                 model.__dict__[flag] = before
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; on a CPU with glibc's malloc keeping what a step frees for the next step, as
+        ``lc.train`` does (``lora_core.training.host_memory``), and giving it back at the end."""
+        on_cpu = self.args.device.type == "cpu"
+        if on_cpu:
+            keep_freed_memory()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if on_cpu:
+                release_freed_memory()
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -52,13 +52,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from lora_core.atomic import atomic_write, atomic_write_text
+from lora_core.atomic import atomic_write_text
 from lora_core.lora.optim import loraplus_optimizer, loraplus_param_groups
 from lora_core.training.config import TrainConfig
 from lora_core.training.data import IGNORE_INDEX, collate
 from lora_core.training.fsdp import average_gradients, is_sharded, shard_model
 from lora_core.training.host_memory import keep_freed_memory, release_freed_memory
 from lora_core.training.losses import causal_lm_hidden_and_head, chunked_causal_lm_loss, decoder_and_head
+from lora_core.training.progress import ProgressBar, plot_loss_curve
 from lora_core.training.state import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
 
@@ -192,51 +193,6 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return loraplus_param_groups(model, cfg.lr, ratio, cfg.weight_decay, cfg.lr_groups)
 
 
-class _Progress:
-    """A one-line progress bar on stderr (redrawn on a terminal, a line every ~5% otherwise)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
-        self.every = 1 if self.tty else max(1, total // 20)
-
-    def update(self, step: int, loss: float, lr: float, tok_s: float) -> None:
-        if not self.enabled or (step % self.every and step != self.total):
-            return
-        width = 24
-        bar = "#" * (width * step // self.total)
-        line = f"[{bar:<{width}}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s"
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        if self.tty and step == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def plot_loss_curve(history: list[dict[str, float]], path: str | Path) -> bool:
-    """Draw train (and eval) loss against step into a PNG; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return True
-
-
 # ------------------------------------------------------------------------------------------- evaluation
 
 
@@ -341,7 +297,7 @@ def train(
     if metrics_path is not None:  # drop lines from beyond the checkpoint (a killed run logged them)
         atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
-    progress = _Progress(total, cfg.progress and rank == 0)
+    progress = ProgressBar(total, cfg.progress and rank == 0)
     model.train()
     train_time, train_tokens, loss_val, eval_loss = 0.0, 0, float("nan"), None
     params = [p for _, p in named]
