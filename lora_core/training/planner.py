@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_core.quant.nf4 import NF4_CODE
+from lora_core.quant.nf4_codes import NF4_CODE
 
 GIB = 2**30
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
