@@ -1,7 +1,8 @@
 """LoRA itself, from the math up::
 
     functional   the reference formulas (the CPU path; what every fast path is tested against), merged_weight
-    bases        the frozen W₀ behind one protocol: DenseBase, NF4Base (+ nf4_linear, its autograd)
+    bases        the frozen W₀ behind one protocol (base_protocol: FrozenBase, HoldsFrozenBase): DenseBase,
+                 NF4Base and NF4Linear (nf4_base; + nf4_linear, its autograd)
     fused        one autograd Function per layer (the CUDA path)
     layer        LoRALinear: holds a base and its adapter; qlora: QLoRALinear (an NF4 base); embedding:
                  LoRAEmbedding, conv: LoRAConv (the same layer for nn.Embedding, nn.Conv1d / nn.Conv2d)

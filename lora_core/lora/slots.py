@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_core.lora import functional, inits
-from lora_core.lora.bases import HoldsFrozenBase
+from lora_core.lora.base_protocol import HoldsFrozenBase
 from lora_core.lora.config import check_alpha, check_bool, check_dropout
 
 DEFAULT = "default"  # the adapter whose tensors sit where a single-adapter layer always had them
