@@ -50,7 +50,8 @@ from lora_core.training.config import TrainConfig
 from lora_core.training.data import PackedDataset, load_dataset
 from lora_core.training.loop import TrainingDiverged, TrainResult, evaluate, train
 from lora_core.training.losses import causal_lm_hidden_and_head, causal_lm_loss, chunked_causal_lm_loss
-from lora_core.training.planner import MemoryPlan, ModelShape, plan_memory
+from lora_core.training.model_shapes import ModelShape
+from lora_core.training.planner import MemoryPlan, plan_memory
 
 __all__: list[str] = [
     "__version__",

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 
 from lora_core import dispatch
 from lora_core.quant.nf4 import (
-    NF4_CODE,
     nf4_block_scales,
     nf4_dequantize_ref,
     nf4_matmul_grad_ref,
     nf4_matmul_ref,
     quantize_nf4,
 )
+from lora_core.quant.nf4_codes import NF4_CODE
 from lora_core.quant.nf4_lookup import _block_scales, nf4_dequantize_lookup, pair_table
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

@@ -2,8 +2,8 @@
 
 Run: ``python docs/scripts/make_nf4_figures.py [--out DIR]`` (default ``docs/figures``). CPU, a few s.
 
-- ``nf4_codes.png``: left, the 16 NF4 codes (``lora_core.quant.nf4.NF4_CODE``) sitting on the normalised
-  quantile function of N(0, 1) at the probabilities QLoRA builds them from
+- ``nf4_codes.png``: left, the 16 NF4 codes (``lora_core.quant.nf4_codes.NF4_CODE``) sitting on the
+  normalised quantile function of N(0, 1) at the probabilities QLoRA builds them from
   (``nf4_code_table_from_quantiles``); right, where block-normalised Gaussian weights ``w / absmax``
   actually fall, with the NF4 codes and the 15 levels of symmetric int4 drawn over them.
 - ``nf4_error_hist.png``: histogram of the round-trip error ``dequantize(quantize(w)) − w`` for 1M
@@ -22,7 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from lora_core.quant.nf4 import NF4_CODE, dequantize_nf4, nf4_code_table_from_quantiles, quantize_nf4
+from lora_core.quant.nf4 import dequantize_nf4, quantize_nf4
+from lora_core.quant.nf4_codes import NF4_CODE, nf4_code_table_from_quantiles
 
 OFFSET = 0.9677083  # outermost probability: mean of 1 − 1/(2·15) and 1 − 1/(2·16), see docs/nf4.md
 BLOCK = 64

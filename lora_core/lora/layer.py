@@ -19,7 +19,9 @@ reference path, and a mixed batch (``lc.mixed_adapters``) gives each row of the 
 
 Each call goes one of two ways, as ``lora_core.dispatch.plan_lora`` decides: the fused autograd Function
 (``lora_core.lora.fused``; CUDA) or the reference formula (``lora_core.lora.functional``; everywhere
-else). Merging uses one pure function, ``functional.merged_weight``, for `merge` and `unload` alike.
+else). Merge, unmerge and unload are inherited from ``lora_core.lora.merging.MergesAdapters`` (one pure
+function, ``functional.merged_weight_sum``, for `merge` and `unload` alike), the adapters' bookkeeping from
+``lora_core.lora.slots.HoldsAdapters``; this module is the layer's constructors and forward.
 
 State-dict keys stay where the base module had them: ``weight`` (stored as the base stored it: (out, in)
 for ``nn.Linear``, (in, out) for GPT-2's ``Conv1D``; NF4 bases use bitsandbytes' keys) and ``bias``; the
@@ -40,11 +42,12 @@ from torch import Tensor, nn
 
 from lora_core import dispatch
 from lora_core.lora import functional
-from lora_core.lora.bases import DenseBase, FrozenBase, NF4Base, frozen_base_of, is_conv1d, linear_features
+from lora_core.lora.bases import DenseBase, FrozenBase, frozen_base_of, is_conv1d, linear_features
 from lora_core.lora.config import check_bool
 from lora_core.lora.fused import fused_dora_linear, fused_lora_linear
+from lora_core.lora.merging import MergesAdapters
 from lora_core.lora.mixed import mixed_lora_linear
-from lora_core.lora.slots import BASE, DEFAULT, AdapterSpec, HoldsAdapters, check_adapter_name
+from lora_core.lora.slots import BASE, DEFAULT, AdapterSpec, check_adapter_name
 
 
 def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
@@ -53,7 +56,7 @@ def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class LoRALinear(HoldsAdapters):
+class LoRALinear(MergesAdapters):
     """A frozen linear map with trainable low-rank updates: ``x ↦ x W₀ᵀ + b + Σ_active s·(drop(x) Aᵀ) Bᵀ``.
 
     Build it with :meth:`from_linear` (alias ``from_module``, the name every LoRA layer class shares:
@@ -173,11 +176,6 @@ class LoRALinear(HoldsAdapters):
 
     from_module = from_linear  # the name that reads right for every LoRA layer class
 
-    @property
-    def merged(self) -> bool:
-        """Whether any adapter is folded into the base weight."""
-        return bool(self.merged_adapters)
-
     def base_weight(self, dtype: torch.dtype | None = None) -> Tensor:  # (out, in)
         """The dense frozen weight ``W₀`` in (out, in) layout (``self.base.dense_weight``)."""
         return self.base.dense_weight(dtype)
@@ -285,124 +283,6 @@ class LoRALinear(HoldsAdapters):
         if self._w0_sqnorm is None or self._w0_sqnorm[0] != key:
             self._w0_sqnorm = (key, self.base.row_sqnorm().detach())
         return self._w0_sqnorm[1]
-
-    # ---- merge / unmerge / unload ----------------------------------------------------------------------
-    def _dense(self) -> Tensor:  # (out, in), float32 or wider
-        w = self.base.dense_weight()
-        return w.to(torch.promote_types(w.dtype, torch.float32))
-
-    def _factors(self, name: str) -> tuple[Tensor, Tensor, float, Tensor | None]:
-        """``(A, B, s, m)`` of adapter ``name`` (``m``: DoRA's magnitude, or None)."""
-        spec = self.lora_specs[name]
-        m = self.magnitude(name).reshape(-1) if spec.use_dora else None  # (out,)
-        return *self.matrices(name), spec.scaling, m
-
-    def _merged(self, names: list[str], w0: Tensor | None = None) -> tuple[Tensor, list[Tensor | None]]:
-        """``W₀`` (the base's, or ``w0``) with the adapters ``names`` folded in, in float32 or wider, and each
-        DoRA adapter's row norm (``functional.merged_weight_sum``: what the forward computes with them all
-        active; PEFT folds one after the other, which differs for DoRA)."""
-        if w0 is None:
-            w0 = self.base.dense_weight()
-            w0 = w0.to(torch.promote_types(w0.dtype, torch.float32))
-        return functional.merged_weight_sum(w0, [self._factors(n) for n in names])
-
-    def _unmerged(self) -> Tensor:  # (out, in), float32 or wider
-        """``W₀`` back from the merged base weight (exact up to float rounding)."""
-        w = self.base.dense_weight()
-        w = w.to(torch.promote_types(w.dtype, torch.float32))
-        names = self.merged_adapters
-        factors, norms = [self._factors(n) for n in names], [self._norm(n) for n in names]
-        return functional.unmerged_weight_sum(w, factors, norms)
-
-    def _store(self, w: Tensor, what: str) -> None:
-        """Write ``w`` into the base; a base that cannot hold it exactly (NF4) reports the error: warn."""
-        err = self.base.set_dense_weight(w)
-        if err is not None:
-            warnings.warn(
-                f"{what} a 4-bit NF4 base requantizes it: requantization error max |ΔW| = {err:.3g}; "
-                "unload_lora(model, "
-                "dequantize=True) merges exactly into a dense layer",
-                UserWarning,
-                stacklevel=3,
-            )
-
-    @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Fold adapters into the base weight: ``W₀ ← W₀ + s·BA`` (DoRA: ``m ⊙ (W₀ + s·BA)/‖·‖_row``), the
-        active ones or ``adapter_names`` (several: see ``_merged``).
-
-        Raises:
-            ValueError: already merged (nothing left to merge); an adapter this layer does not have.
-        """
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        unknown = [n for n in names if n not in self.lora_specs]
-        if unknown:
-            raise ValueError(f"this layer has no adapter {unknown}; it has {self.adapter_names()}")
-        todo = [n for n in names if n not in self.merged_adapters]
-        if not todo:
-            raise ValueError("this LoRALinear is already merged; call unmerge() first")
-        w0 = self._unmerged() if self.merged else None  # merging more: fold them all into W₀ again
-        names = self.merged_adapters + todo
-        w, norms = self._merged(names, w0)
-        self._store(w, "merging into")
-        for name, norm in zip(names, norms):
-            self.register_buffer(self._norm_buffer(name), norm, persistent=False)
-        self.merged_adapters = names
-
-    @staticmethod
-    def _norm_buffer(name: str) -> str:
-        return "_dora_merged_norm" if name == DEFAULT else f"_dora_merged_norm__{name}"
-
-    def _norm(self, name: str) -> Tensor | None:  # (out,): DoRA's row norm recorded by merge
-        return getattr(self, self._norm_buffer(name), None)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the merged adapters out of the base weight again (exact up to float rounding for a dense
-        base).
-
-        Raises:
-            ValueError: not merged.
-        """
-        if not self.merged:
-            raise ValueError("this LoRALinear is not merged; nothing to unmerge")
-        w = self._unmerged()
-        for name in self.merged_adapters:
-            setattr(self, self._norm_buffer(name), None)
-        self._store(w, "unmerging from")
-        self.merged_adapters = []
-
-    @torch.no_grad()
-    def unload(self, dequantize: bool = False) -> nn.Module:
-        """The plain module (the base's own class) holding the merged weight (the active adapters); the
-        adapters are dropped.
-
-        A dense base merges in place and hands its Parameter to the plain module. An NF4 base gives, with
-        ``dequantize=True``, a dense module holding ``dequant(W) + s·BA`` exactly (`functional.merged_weight`,
-        never requantized); with ``False``, a frozen `NF4Linear` (requantized: lossy, warns). On an NF4 layer
-        that is already merged, ``dequantize=True`` cannot be exact (the exact sum was not kept): it returns
-        ``dequant`` of what the base holds and warns with the recorded error.
-        """
-        exact_dense = dequantize and isinstance(self.base, NF4Base)
-        active = [n for n in self.active_adapters if n in self.lora_specs]
-        if exact_dense and not self.merged:
-            weight: Tensor | None = self._merged(active)[0]
-        elif exact_dense:
-            err = self.base.requantization_error
-            err_text = "unknown" if err is None else f"{err:.3g}"
-            warnings.warn(
-                "unload(dequantize=True) on an already merged QLoRALinear returns the requantized merge, not "
-                f"the exact one: requantization error max |ΔW| = {err_text}; "
-                "unload before merging for the exact dequant(W) + s·BA",
-                UserWarning,
-                stacklevel=2,
-            )
-            weight = self.base.dense_weight()
-        else:
-            if not self.merged and active:
-                self.merge(active)
-            weight = None  # the base as it is stored now
-        return self.base.plain_module(weight, self.bias, self.training)
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.use_dora else "LoRA"

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora_core.lora.bases import FrozenBase
+from lora_core.lora.base_protocol import FrozenBase
 from lora_core.lora.fused import as2d, matmul_to
 
 

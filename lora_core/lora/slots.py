@@ -20,8 +20,9 @@ Why this container, and not a ``ModuleDict`` (PEFT's ``lora_A[name]``) or state-
 DoRA magnitudes follow the same rule one level up: ``"default"``'s is the layer's ``lora_magnitude_vector``
 (PEFT's saved name), another adapter's lives in ``lora_magnitude.<name>.weight``.
 
-``HoldsAdapters`` is the half of ``LoRALinear`` that manages them (add, delete, initialise, look up);
-``lora_core.lora.layer`` is the other half (forward, merge), which only reads them.
+``HoldsAdapters`` is the part of ``LoRALinear`` that manages them (add, delete, initialise, look up);
+``lora_core.lora.merging`` (merge, unmerge, unload) and ``lora_core.lora.layer`` (forward) are the rest,
+which only read them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_core.lora import functional, inits
-from lora_core.lora.bases import HoldsFrozenBase
+from lora_core.lora.base_protocol import HoldsFrozenBase
 from lora_core.lora.config import check_alpha, check_bool, check_dropout
 
 DEFAULT = "default"  # the adapter whose tensors sit where a single-adapter layer always had them

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_core.lora.bases import HoldsFrozenBase
+from lora_core.lora.base_protocol import HoldsFrozenBase
 from lora_core.lora.config import LoraConfig
 from lora_core.lora.quantize_base import quantize_frozen_linears
 from lora_core.lora.registry import replace_module

@@ -6,7 +6,8 @@ stores it:
 - ``w`` is flattened row-major and cut into blocks of ``block_size`` elements (64 for weights); the last
   block may be partial.
 - Each block is scaled by its absolute maximum (``absmax``, float32) and every element rounds to the
-  nearest of the 16 NF4 codes below; the code's index is the 4-bit value.
+  nearest of the 16 NF4 codes (``NF4_CODE``); the code's index is the 4-bit value. The codes and the
+  packing of the next point live in `lora_core.quant.nf4_codes` (re-exported here).
 - Two codes per byte, the first element in the high nibble: ``[a, b, c, d] -> [ab, cd]``; an odd ``n``
   pads the last low nibble with the code of 0.0 (index 7), as bitsandbytes does. Readers ignore it.
 - Double quantization (bitsandbytes' ``compress_statistics=True``): ``offset = mean(absmax)``; then
@@ -36,9 +37,7 @@ w (out, in) ─flatten─► blocks of 64 ─÷absmax─► nearest NF4 code ─
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, replace
-from functools import cache
 
 import torch
 
@@ -53,14 +52,16 @@ from lora_core.quant.bnb import (
     to_bnb_state,
 )
 
-# The 16 NF4 codes, index = 4-bit code (bitsandbytes' table). Built from quantiles of N(0, 1): 7 negative,
-# 8 positive and an exact zero, normalised to [-1, 1]; see `nf4_code_table_from_quantiles`.
-NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)  # fmt: skip
+# The 16 codes and their packing, two per byte, live in `nf4_codes` (the alphabet, without blocks or
+# scales); re-exported here, where they have always been imported from.
+from lora_core.quant.nf4_codes import (
+    NF4_CODE,
+    max_code_gap,
+    nf4_code_table_from_quantiles,
+    nf4_midpoints,
+    pack_nf4,
+    unpack_nf4,
+)
 
 
 @dataclass(repr=False)
@@ -181,61 +182,6 @@ class NF4Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Code tables
-# ---------------------------------------------------------------------------------------------------------
-
-
-def nf4_code_table_from_quantiles(offset: float = 0.9677083) -> torch.Tensor:
-    """Build the NF4 table from quantiles of N(0, 1), as in the QLoRA paper (Dettmers et al. 2023, §3).
-
-    The 4-bit range is split asymmetrically so that zero is a code: 8 positive values are the quantiles at
-    8 evenly spaced probabilities from ``offset`` down towards 0.5, 7 negative values mirror the quantiles
-    at 7 probabilities over the same range, plus an exact 0. Everything is divided by the largest value,
-    so the table spans [-1, 1]. ``offset = 0.9677083`` = ½(1/(2·15) + 1 − 1/(2·16))-ish, the paper's
-    choice that keeps ±1 finite. Probabilities are float32 (as bitsandbytes built them), quantiles float64,
-    the table float32.
-
-    Returns:
-        float32 ``(16,)``, sorted; equals `NF4_CODE`.
-    """
-    pos_p = torch.linspace(offset, 0.5, 9, dtype=torch.float32)[:-1]  # 8 probabilities > 0.5
-    neg_p = torch.linspace(offset, 0.5, 8, dtype=torch.float32)[:-1]  # 7
-    pos = torch.special.ndtri(pos_p.double())
-    neg = -torch.special.ndtri(neg_p.double())
-    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
-    return values / values.max()
-
-
-@cache
-def _nf4_midpoints() -> torch.Tensor:
-    code = torch.tensor(NF4_CODE, dtype=torch.float32)
-    return (code[:-1] + code[1:]) / 2  # (15,) float32, exact as bitsandbytes computes them
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Packing: two 4-bit codes per byte, first element high
-# ---------------------------------------------------------------------------------------------------------
-
-
-def pack_nf4(codes: torch.Tensor) -> torch.Tensor:
-    """``(n,)`` integer codes in [0, 16) → uint8 ``(ceil(n/2),)``: ``[a, b, c, d] -> [ab, cd]``.
-
-    An odd ``n`` pads with 7 (the code of 0.0), like bitsandbytes.
-    """
-    c = codes.reshape(-1).to(torch.uint8)
-    if c.numel() % 2:
-        c = torch.cat([c, c.new_full((1,), 7)])
-    return (c[0::2] << 4) | c[1::2]
-
-
-def unpack_nf4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """uint8 ``(ceil(n/2),)`` → the first ``n`` codes as uint8 ``(n,)`` (inverse of `pack_nf4`)."""
-    p = packed.reshape(-1)
-    codes = torch.stack([p >> 4, p & 0xF], dim=-1).reshape(-1)  # (2·bytes,) high nibble first
-    return codes[:n]
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Quantize / dequantize
 # ---------------------------------------------------------------------------------------------------------
 
@@ -307,7 +253,7 @@ def _quantize_4bit(
     chunk = max(block_size, chunk - chunk % block_size)  # whole blocks, so an even number of elements
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=x.device)
-    mids = _nf4_midpoints().to(x.device)
+    mids = nf4_midpoints().to(x.device)
     for start in range(0, n, chunk):
         codes, amax = _quantize_4bit_chunk(x[start : start + chunk].to(torch.float32), block_size, mids)
         packed[start // 2 : start // 2 + (codes.numel() + 1) // 2] = pack_nf4(codes)
@@ -411,13 +357,6 @@ def nf4_matmul_ref(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = No
 def nf4_matmul_grad_ref(grad_out: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     """``grad_out @ dequant(q)``: the input gradient of `nf4_matmul_ref`. ``(..., out)`` → ``(..., in)``."""
     return grad_out @ nf4_dequantize_ref(q, grad_out.dtype)
-
-
-def max_code_gap() -> float:
-    """The widest gap between neighbouring NF4 codes (between -1 and -0.696…); half of it bounds the
-    per-element round-trip error in units of the block's absmax."""
-    code = NF4_CODE
-    return max(b - a for a, b in itertools.pairwise(code))
 
 
 __all__ = [

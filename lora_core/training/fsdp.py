@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lora_core.lora.bases import HoldsFrozenBase
+from lora_core.lora.base_protocol import HoldsFrozenBase
 
 STORAGE_PREFIX = "fsdp_base_"  # registered names of a base's tensors that are not Parameters already
 
