@@ -84,8 +84,11 @@ class Case:
             return f"{self.op} {self.dtype} r={self.n} width={self.k} tokens={self.m}"
         s = f"{self.op} {self.dtype} {self.n}x{self.k} bs={self.block_size} dq={int(self.double_quant)}"
         if self.op != "dequantize":
-            s += f" M={self.m}" + (" bias" if self.bias else "") + ("" if self.layout == "contiguous" else
-                                                                     f" {self.layout}")
+            s += (
+                f" M={self.m}"
+                + (" bias" if self.bias else "")
+                + ("" if self.layout == "contiguous" else f" {self.layout}")
+            )
         return s
 
 

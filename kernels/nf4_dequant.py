@@ -161,8 +161,14 @@ def _nf4_dequant_kernel(
     # absmax_f32 per word: block = element // block_size = word // (block_size / 8)
     offs_blk = offs_word >> word_shift  # (W,)
     absmax = block_absmax(
-        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, offs_blk, offs_blk < n_blocks,
-        nested_shift, DOUBLE_QUANT,
+        absmax_ptr,
+        nested_code_ptr,
+        nested_absmax_ptr,
+        offset_ptr,
+        offs_blk,
+        offs_blk < n_blocks,
+        nested_shift,
+        DOUBLE_QUANT,
     )  # (W,)
     # w = code[nibble] * absmax
     nibble = (word[:, None] >> nibble_shifts()[None, :]) & 15  # (W, 8)

@@ -37,8 +37,14 @@ def w_tile_words(
     # first word of each group: (n * K + k) / 8
     offs_gw = offs_n[:, None].to(tl.int64) * stride_wn + (offs_g // 8)[None, :]  # (BN, G)
     scale = block_absmax(
-        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, offs_gw >> word_shift, mask,
-        nested_shift, DOUBLE_QUANT,
+        absmax_ptr,
+        nested_code_ptr,
+        nested_absmax_ptr,
+        offset_ptr,
+        offs_gw >> word_shift,
+        mask,
+        nested_shift,
+        DOUBLE_QUANT,
     )  # (BN, G)
     offs_word = offs_gw[:, :, None] + tl.arange(0, WG)[None, None, :]  # (BN, G, WG)
     word = tl.load(words_ptr + offs_word, mask=mask[:, :, None], other=0)
@@ -132,7 +138,8 @@ def nf4_matmul_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         a = tl.load(
             a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=(offs_am[:, None] < M) & (offs_k[None, :] < k_end), other=0.0,
+            mask=(offs_am[:, None] < M) & (offs_k[None, :] < k_end),
+            other=0.0,
         )  # (BM, BK)
         w = w_tile_decode(word, scale, code_ptr, BLOCK_N, BLOCK_K)  # (BN, BK) float32
         # accᵀ += dequant(W) @ xᵀ, W rounded to x's dtype first (as the reference does)
@@ -189,7 +196,8 @@ def nf4_matmul_grad_kernel(
         )  # fmt: skip
         a = tl.load(
             a_ptr + offs_am[:, None] * stride_am + offs_n[None, :] * stride_an,
-            mask=(offs_am[:, None] < M) & (offs_n[None, :] < n_end), other=0.0,
+            mask=(offs_am[:, None] < M) & (offs_n[None, :] < n_end),
+            other=0.0,
         )  # (BM, BN)
         w = w_tile_decode(word, scale, code_ptr, BLOCK_N, BLOCK_K)  # (BN, BK) float32
         acc = tl.dot(a, w.to(a.dtype), acc)  # g @ dequant(W)

@@ -151,6 +151,8 @@ NAN, INF = float("nan"), float("inf")
 def test_numeric_and_flag_fields_refuse_nan_inf_strings_and_bools(kwargs, error, message):
     with pytest.raises(error, match=message):
         LoraConfig(target_modules=["q"], **kwargs)
+
+
 def test_an_nf4_base_is_recorded_and_read_back_but_the_caller_decides():
     cfg = LoraConfig(r=4, target_modules=["q"], quantize="nf4", quant_block_size=128, double_quant=False)
     data = json.loads(json.dumps(cfg.to_peft_dict()))

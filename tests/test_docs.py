@@ -38,6 +38,8 @@ def test_doc_snippets_run(path: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 def test_snippet_extraction_finds_blocks(tmp_path: Path) -> None:
     doc = tmp_path / "x.md"
     fence = "```"
-    doc.write_text(f"text\n{fence}python\nx = 1\n{fence}\n{fence}bash\nls\n{fence}\n"
-                   f"{fence}python\n# doc-test: skip (GPU)\ny\n{fence}\n")
+    doc.write_text(
+        f"text\n{fence}python\nx = 1\n{fence}\n{fence}bash\nls\n{fence}\n"
+        f"{fence}python\n# doc-test: skip (GPU)\ny\n{fence}\n"
+    )
     assert python_blocks(doc) == ["x = 1\n"]

@@ -5,4 +5,6 @@
     e2e       end-to-end fine-tuning: lora_core against PEFT (+ bitsandbytes), tokens/s and peak memory
               (e2e_report: its targets, table and plot)
     mixed     mixed-adapter batches: one adapter per row vs one adapter for all, and PEFT   (GPU or CPU)
+
+Each writes its JSON and plot under ``benchmarks/results/`` (benchmarks/README.md says how to read them).
 """
