@@ -21,9 +21,10 @@ double quantization) or ``dequant(Q)`` (a dense base: block 64, no double quanti
 LoftQ puts ``BA`` (no scale) on ``W − dequant(Q)``; ours puts ``s·BA`` there, which is the same when
 ``s = 1`` and still an approximation of ``W`` when it is not.
 
-``"pissa"`` (the exact SVD) lives in ``LoRALinear.reset_lora_parameters``; ``pissa_niter_N`` is the same
-formula with Halko et al.'s randomized SVD, which costs O(out·in·r) instead of O(out·in·min(out, in)): it
-draws a random (in, r) test matrix from torch's global RNG, so seed it to reproduce an init. The formulas
+``"pissa"`` (the exact SVD) lives in ``slots.HoldsAdapters.reset_lora_parameters`` (every layer has it);
+``pissa_niter_N`` is the same formula with Halko et al.'s randomized SVD, which costs O(out·in·r) instead of
+O(out·in·min(out, in)): it draws a random (in, r) test matrix from torch's global RNG, so seed it to
+reproduce an init. The formulas
 are PEFT's (``LoraLayer.olora_init`` / ``pissa_init``), computed in float32 or wider.
 """
 
