@@ -89,6 +89,9 @@ def format_table(case: str, rows: Sequence[dict[str, Any]], checks: Sequence[dic
     return "\n".join(lines)
 
 
+MALLOC_CASES = {"lora_core": "the lora_core cases (as lc.train)", "all": "every case", "none": "no case"}
+
+
 def plot(path: Path, case: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bool:
     plt = pyplot()
     if plt is None:
@@ -111,7 +114,10 @@ def plot(path: Path, case: str, rows: Sequence[dict[str, Any]], meta: dict[str, 
             ax.text(0.5, 0.5, "no GPU memory on the CPU", transform=ax.transAxes, ha="center")
     axes[0].set_title("higher is better (dashed: target vs b)", fontsize=8)
     axes[1].set_title("lower is better (dashed: b)", fontsize=8)
-    fig.suptitle(f"{case}: " + ", ".join(f"{r['case']} = {r['label']}" for r in ran) + f"\n{meta['device']}",
+    device = meta["device"]
+    if meta.get("keep_freed_memory"):  # the CPU harness: which cases ran with lc.train's malloc setting
+        device += f"; malloc keeps freed memory in: {MALLOC_CASES[meta['keep_freed_memory']]}"
+    fig.suptitle(f"{case}: " + ", ".join(f"{r['case']} = {r['label']}" for r in ran) + f"\n{device}",
                  fontsize=7)  # fmt: skip
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
