@@ -23,7 +23,7 @@ why, in its return value) where there is no glibc (macOS, Windows, musl), under 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import sys
 
@@ -36,12 +36,14 @@ _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TO
 _state: dict[str, object] = {"kept": False}
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The process's C library if it is glibc (it has ``gnu_get_libc_version``), else None."""
+    """The process's own C library (``dlopen(NULL)``: the libc already loaded, no search) if it is glibc
+    (it has ``gnu_get_libc_version``), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError outside glibc
     except (OSError, AttributeError):
         return None
