@@ -41,13 +41,16 @@ def test_pair_table_holds_both_codes_of_every_byte_high_nibble_first() -> None:
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**31 - 1),
     scale=st.sampled_from([1e-6, 1.0, 300.0]),
+    native=st.booleans(),
 )
 def test_lookup_dequantize_is_the_reference_bit_for_bit(
-    shape: tuple[int, ...], block_size: int, double_quant: bool, dtype: torch.dtype, seed: int, scale: float
-) -> None:
-    """Odd element counts (a padded last nibble), partial last blocks, 1-D and 2-D, every float dtype."""
+    shape: tuple[int, ...], block_size: int, double_quant: bool, dtype: torch.dtype, seed: int, scale: float,
+    native: bool,
+) -> None:  # fmt: skip
+    """Odd element counts (a padded last nibble), partial last blocks, 1-D and 2-D, every float dtype; the
+    torch gather (native=False) and what this machine uses by default (the C: tests/test_nf4_native.py)."""
     q = quantize_nf4(_weight(shape, seed, scale), block_size, double_quant)
-    got, want = nf4_dequantize_lookup(q, dtype), nf4_dequantize_ref(q, dtype)
+    got, want = nf4_dequantize_lookup(q, dtype, native=native), nf4_dequantize_ref(q, dtype)
     assert got.dtype == want.dtype == dtype and got.shape == want.shape == q.shape
     assert torch.equal(got, want)
 
@@ -57,12 +60,14 @@ def test_lookup_reads_the_weights_own_code_table_and_strided_bytes() -> None:
     gives the same weight as its contiguous copy."""
     q = quantize_nf4(_weight((6, 40), 0, 1.0), 16, False)
     q.code = q.code.flip(0) * 0.5  # any 16 float32 values
-    assert torch.equal(nf4_dequantize_lookup(q, torch.float32), nf4_dequantize_ref(q, torch.float32))
+    want = nf4_dequantize_ref(q, torch.float32)
+    assert torch.equal(nf4_dequantize_lookup(q, torch.float32, native=False), want)
     wide = torch.zeros(q.packed.numel(), 2, dtype=torch.uint8)
     wide[:, 0] = q.packed
     q.packed = wide[:, 0]  # stride 2
     assert not q.packed.is_contiguous()
-    assert torch.equal(nf4_dequantize_lookup(q, torch.float32), nf4_dequantize_ref(q, torch.float32))
+    for native in (False, True):
+        assert torch.equal(nf4_dequantize_lookup(q, torch.float32, native=native), want)
 
 
 @pytest.mark.parametrize("shape, block", [((96, 64), 16), ((300, 70), 16), ((1, 8200), 16), ((2, 8193), 64)])
@@ -72,9 +77,14 @@ def test_double_quantized_scales_over_whole_and_partial_nested_groups(shape: tup
     q = quantize_nf4(_weight(shape, 7, 2.0), block, True)
     assert q.absmax.numel() >= 256
     assert torch.equal(_block_scales(q), nf4_block_scales(q))
-    assert torch.equal(nf4_dequantize_lookup(q, torch.float32), nf4_dequantize_ref(q, torch.float32))
+    for native in (False, True):
+        assert torch.equal(
+            nf4_dequantize_lookup(q, torch.float32, native=native), nf4_dequantize_ref(q, torch.float32)
+        )
     q.nested_code = q.nested_code * 0.75  # another 8-bit map: read from the weight, as the reference does
-    assert torch.equal(nf4_dequantize_lookup(q, torch.bfloat16), nf4_dequantize_ref(q, torch.bfloat16))
+    for native in (False, True):
+        want = nf4_dequantize_ref(q, torch.bfloat16)
+        assert torch.equal(nf4_dequantize_lookup(q, torch.bfloat16, native=native), want)
 
 
 def test_empty_weight() -> None:
