@@ -93,8 +93,10 @@ def nf4_dequantize_lookup(
     n, block = q.numel, q.block_size
     if n == 0:
         return torch.empty(q.shape, dtype=dtype, device=q.device)
-    lib = nf4_native.library() if native is True else (native or None)
-    if lib is not None and q.device.type == "cpu" and block % 2 == 0:
+    lib = None
+    if q.device.type == "cpu" and block % 2 == 0:  # (a CUDA tensor never builds the C)
+        lib = nf4_native.library() if native is True else (native or None)
+    if lib is not None:
         out = torch.empty(n, dtype=torch.float32)  # one pass: lookup and multiply (nf4_native)
         packed, code = q.packed.reshape(-1).contiguous(), q.code.float().contiguous()
         nf4_native.dequantize_into(lib, packed, code, _block_scales(q).contiguous(), out, n, block)
