@@ -24,8 +24,8 @@ class or of state left behind by an earlier call:
 2. **An NF4 product** ``x · dequant(q)ᵀ`` and its input gradient (`nf4_path`):
 
        lookup      not CUDA: ``quant.nf4_lookup``'s dequantize (bit-identical to the reference's weight:
-                   on an AVX-512 CPU with a C compiler ``quant.nf4_native``'s one pass, else a byte-pair
-                   table gather in ~3 passes instead of ~7), then torch's matmul
+                   on an AVX-512 / AVX2 CPU with a C compiler ``quant.nf4_native``'s one pass, else a
+                   byte-pair table gather in ~3 passes instead of ~7), then torch's matmul
        kernel      CUDA, M ≤ ``FUSED_MAX_M`` rows: the fused Triton kernel reads only packed bytes
        dequantize  CUDA, more rows: dequantize once (one streaming pass), then cuBLAS (tensor-core bound)
 

@@ -1,7 +1,7 @@
-"""``quant.nf4_native``: the C NF4 dequantize (AVX-512 ``vpermps`` lookups, a scalar tail) is the reference
-bit for bit. Both builds are tested wherever a C compiler exists: the scalar one (``-O2``, baseline x86-64: no
-AVX-512) on every x86-64 machine, and the AVX-512 one (``-march=native``) where the CPU has it — which is
-also what ``nf4_dequantize_lookup`` then uses by default."""
+"""``quant.nf4_native``: the C NF4 dequantize (AVX-512 or AVX2 ``vpermps`` lookups, a scalar tail) is the
+reference bit for bit. Every build this CPU can run is tested wherever a C compiler exists: the scalar one
+(``-O2``, baseline x86-64) on every x86-64 machine, the AVX2 and AVX-512 ones where the CPU has them; the
+``-march=native`` build ``nf4_dequantize_lookup`` uses by default is one of them."""
 
 from __future__ import annotations
 
@@ -29,29 +29,35 @@ pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux on x86-64 and
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-def _avx512f() -> bool:
+def _cpu_flags() -> set[str]:
     flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
-    return bool(flags) and "avx512f" in flags[0].split()
+    return set(flags[0].split()) if flags else set()
 
 
 @pytest.fixture(scope="module")
 def builds() -> dict[str, object]:
-    """The scalar build always; the AVX-512 build where this CPU has AVX-512F."""
-    scalar = nf4_native.build(("-O2",))
-    assert not isinstance(scalar, str), scalar
-    assert scalar.nf4_native_simd() == 0  # baseline x86-64: the AVX-512 code is compiled out
-    found = {"scalar": scalar}
-    if nf4_native.library() is not None:
-        found["avx512"] = nf4_native.library()
+    """Each build this CPU can run: scalar (baseline x86-64) always, AVX2 and AVX-512 where it has them."""
+    wanted = {"scalar": (("-O2",), 0), "avx2": (("-O3", "-mavx2"), 1), "avx512": (("-O3", "-mavx512f"), 2)}
+    flags = _cpu_flags()
+    found = {}
+    for name, (cflags, simd) in wanted.items():
+        if name != "scalar" and name.replace("avx512", "avx512f") not in flags:
+            continue  # its instructions would not run here
+        lib = nf4_native.build(cflags)
+        assert not isinstance(lib, str), lib
+        assert lib.nf4_native_simd() == simd  # the build compiled the path it was meant to
+        found[name] = lib
     return found
 
 
-def test_the_avx512_build_is_in_use_exactly_where_the_cpu_has_avx512() -> None:
-    if _avx512f():
-        assert nf4_native.status() == "in use"
-        assert nf4_native.library().nf4_native_simd() == 1
+def test_the_simd_build_is_in_use_exactly_where_the_cpu_has_avx512_or_avx2() -> None:
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        assert nf4_native.status() == "in use (AVX-512)" and nf4_native.library().nf4_native_simd() == 2
+    elif "avx2" in flags:
+        assert nf4_native.status() == "in use (AVX2)" and nf4_native.library().nf4_native_simd() == 1
     else:
-        assert nf4_native.library() is None and "AVX-512F" in nf4_native.status()
+        assert nf4_native.library() is None and "AVX2" in nf4_native.status()
 
 
 @settings(max_examples=80, deadline=None)
@@ -62,14 +68,14 @@ def test_the_avx512_build_is_in_use_exactly_where_the_cpu_has_avx512() -> None:
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**31 - 1),
     scale=st.sampled_from([1e-6, 1.0, 300.0]),
-    which=st.sampled_from(["scalar", "avx512"]),
+    which=st.sampled_from(["scalar", "avx2", "avx512"]),
 )
 def test_native_dequantize_is_the_reference_bit_for_bit(builds, shape, block_size, double_quant, dtype, seed,
                                                         scale, which) -> None:  # fmt: skip
     """Odd element counts (the last byte's high nibble only), partial last blocks, 16-byte SIMD groups
     with and without a scalar tail, any dtype (one rounding from float32, as the reference)."""
     if which not in builds:
-        return  # no AVX-512 on this CPU: the scalar build covers the same C
+        return  # this CPU cannot run that build: the others cover the same C
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
     q = quantize_nf4(w, block_size, double_quant)
     got, want = nf4_dequantize_lookup(q, dtype, native=builds[which]), nf4_dequantize_ref(q, dtype)
@@ -77,10 +83,10 @@ def test_native_dequantize_is_the_reference_bit_for_bit(builds, shape, block_siz
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("which", ["scalar", "avx512"])
+@pytest.mark.parametrize("which", ["scalar", "avx2", "avx512"])
 def test_a_checkpoints_own_code_table_and_strided_bytes(builds, which) -> None:
     if which not in builds:
-        pytest.skip("no AVX-512 on this CPU")
+        pytest.skip(f"this CPU cannot run the {which} build")
     q = quantize_nf4(torch.randn(40, 96, generator=torch.Generator().manual_seed(1)), 64, True)
     q.code = q.code.flip(0) * 0.5  # any 16 float32 values: the weight's own table is the one used
     wide = torch.zeros(q.packed.numel(), 2, dtype=torch.uint8)

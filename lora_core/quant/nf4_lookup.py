@@ -23,8 +23,8 @@ multiply and one add over (nb/256, 256) views, the reference's two roundings), n
 60 % of the call for SmolLM2's 576 × 1536 weights); the rest was small-op overhead, which matters because
 a QLoRA step dequantizes every weight twice (forward and backward): 420 calls per step for SmolLM2.
 
-On a CPU with AVX-512 and a C compiler, ``nf4_native`` does the lookup and the multiply in one pass instead
-(16 codes per instruction; the same bits): the torch path below is what runs everywhere else.
+On a CPU with AVX-512 or AVX2 and a C compiler, ``nf4_native`` does the lookup and the multiply in one pass
+(16 or 8 codes at once; the same bits): the torch path below is what runs everywhere else.
 
 Nothing derived from a weight is cached between calls: a dequantized weight lives as long as the caller
 keeps it. Only the 2 KiB pair table of a CPU code table is kept, keyed by the 16 codes' bytes (every NF4
@@ -88,7 +88,7 @@ def nf4_dequantize_lookup(
     (module docstring), in about three passes instead of seven. Any device; any 16-entry float32 ``q.code``
     (the table a checkpoint carries is the one used, as in the reference).
 
-    ``native``: True uses ``nf4_native``'s AVX-512 build for a CPU tensor where it exists, False always the
+    ``native``: True uses ``nf4_native``'s SIMD build for a CPU tensor where it exists, False always the
     torch gather; a library from ``nf4_native.build`` is used as given (tests build the scalar C too)."""
     n, block = q.numel, q.block_size
     if n == 0:
