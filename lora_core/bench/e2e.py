@@ -56,7 +56,7 @@ from lora_core.bench.e2e_cases import (
     train_step,
     write_checkpoint,
 )
-from lora_core.bench.e2e_report import evaluate_targets, format_table, loss_agreement, plot
+from lora_core.bench.e2e_report import MALLOC_CASES, evaluate_targets, format_table, loss_agreement, plot
 
 
 def run_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namespace, device: torch.device,
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each case in its own process, rounds interleaved (lora_core.bench.e2e_cpu)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=5, help="--model: interleaved rounds (--steps over them)")
     p.add_argument("--threads", type=int, default=None, help="--model: torch threads per case (default all)")
-    p.add_argument("--keep-freed-memory", choices=["lora_core", "all", "none"], default="lora_core",
+    p.add_argument("--keep-freed-memory", choices=list(MALLOC_CASES), default="lora_core",
                    help="--model: which cases run with lc.train's malloc setting (training.host_memory): "
                    "the lora_core cases (what each library's users get), every case (the computation "
                    "alone), or none")  # fmt: skip

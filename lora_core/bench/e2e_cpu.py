@@ -54,7 +54,7 @@ import torch
 
 from lora_core.bench import e2e_cases as e2e
 from lora_core.bench.common import write_json
-from lora_core.bench.e2e_report import evaluate_targets, format_table, loss_agreement, plot
+from lora_core.bench.e2e_report import MALLOC_CASES, evaluate_targets, format_table, loss_agreement, plot
 from lora_core.training.host_memory import keep_freed_memory
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -376,7 +376,7 @@ def _worker_parser() -> argparse.ArgumentParser:
     ):
         p.add_argument(name, type=kind, required=True)
     p.add_argument("--loss-chunk", type=int, default=None)
-    p.add_argument("--keep-freed-memory", choices=["lora_core", "all", "none"], default="lora_core")
+    p.add_argument("--keep-freed-memory", choices=list(MALLOC_CASES), default="lora_core")
     return p
 
 

@@ -89,6 +89,7 @@ def format_table(case: str, rows: Sequence[dict[str, Any]], checks: Sequence[dic
     return "\n".join(lines)
 
 
+# --keep-freed-memory's choices (bench e2e --model): which cases run with lc.train's malloc setting
 MALLOC_CASES = {"lora_core": "the lora_core cases (as lc.train)", "all": "every case", "none": "no case"}
 
 

@@ -110,8 +110,6 @@ void nf4_dequantize(const uint8_t *restrict packed, const float *restrict code, 
 }
 """
 
-_STATUS: dict[str, str] = {}
-
 
 def build(flags: tuple[str, ...] = ("-O3", "-march=native")) -> ctypes.CDLL | str:
     """Compile ``C_SOURCE`` with ``flags`` and load it; the library, or why not (a one-line reason)."""
@@ -142,25 +140,26 @@ def build(flags: tuple[str, ...] = ("-O3", "-march=native")) -> ctypes.CDLL | st
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """This process's SIMD build (compiled on the first call), or None; `status()` says why not."""
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """This process's build (compiled on the first call) if it has a SIMD path, and what `status` says."""
     built = build()
     if isinstance(built, str):
-        _STATUS["reason"] = built
-        return None
+        return None, built
     simd = built.nf4_native_simd()
     if not simd:
-        _STATUS["reason"] = "the CPU has neither AVX-512F nor AVX2 (torch's gather is as fast as scalar C)"
-        return None
-    _STATUS["reason"] = f"in use ({'AVX-512' if simd == 2 else 'AVX2'})"
-    return built
+        return None, "the CPU has neither AVX-512F nor AVX2 (torch's gather is as fast as scalar C)"
+    return built, f"in use ({'AVX-512' if simd == 2 else 'AVX2'})"
+
+
+def library() -> ctypes.CDLL | None:
+    """This process's SIMD build (compiled on the first call), or None; `status()` says why not."""
+    return _load()[0]
 
 
 def status() -> str:
     """``"in use (AVX-512)"`` / ``"in use (AVX2)"``, or why the torch gather is used instead (builds the
     library if not tried yet)."""
-    library()
-    return _STATUS["reason"]
+    return _load()[1]
 
 
 def dequantize_into(lib: ctypes.CDLL, packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor,
