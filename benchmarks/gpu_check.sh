@@ -5,13 +5,14 @@
 # uses the Python environment it finds (lora_core installed, with the test and hf extras).
 #
 #   bash benchmarks/gpu_check.sh                 # from anywhere; PYTHON=/path/to/python to choose one
+#   GPU_CHECK_RESULTS=/some/folder bash benchmarks/gpu_check.sh     # results elsewhere
 #
 # Each step has its own time limit (seconds, below); a step that fails or runs out of time is recorded
 # in the summary and the next one still runs. Exit status: 0 when every step passed, 1 otherwise.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RESULTS="$ROOT/benchmarks/results"
+RESULTS="${GPU_CHECK_RESULTS:-$ROOT/benchmarks/results}"
 PYTHON="${PYTHON:-python}"
 BUDGET=480  # seconds for everything (8 minutes)
 mkdir -p "$RESULTS"
