@@ -22,7 +22,6 @@ backward branch of the SASS) over the weights one warp decodes per iteration.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -30,6 +29,8 @@ import sys
 import time
 from collections import Counter
 from typing import Any
+
+from lora_core.one_line_parser import OneLineParser
 
 SMS, CLOCK = 132, 1.755e9
 HBM = {"H100": 3.0e12, "H200": 4.0e12}
@@ -234,7 +235,7 @@ def markdown(rows: list[dict[str, Any]], arch: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     from lora_core.kernels import interpreter_active
 
-    ap = argparse.ArgumentParser(prog="lora-core bench static", description=(__doc__ or "").split("\n")[0])
+    ap = OneLineParser(prog="lora-core bench static", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, choices=(80, 90))
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = ap.parse_args(argv)

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Layer of each package or top-level module, bottom (0) to top; docs/architecture.md draws the same rows.
 LAYERS = {
     "lora_core.atomic": 0,
+    "lora_core.one_line_parser": 0,
     "lora_core.quant": 1,
     "lora_core.kernels": 2,
     "lora_core.dispatch": 3,

@@ -433,6 +433,28 @@ def test_a_usage_error_is_one_line_exit_2() -> None:
 
 
 @pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "kernels", "--m", "x"], "bench kernels: argument --m: invalid int value: 'x'"),
+        (["bench", "layer", "--bogus"], "bench layer: unrecognized arguments: --bogus"),
+        (["bench", "e2e", "--keep-freed-memory", "some"], "bench e2e: argument --keep-freed-memory: invalid"),
+        (["bench", "mixed", "--size", "huge"], "bench mixed: argument --size: invalid choice: 'huge'"),
+        (["bench", "static", "--arch", "75"], "bench static: argument --arch: invalid choice: 75"),
+    ],
+)  # fmt: skip
+def test_a_benchmark_usage_error_is_one_line_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lora_core.cli import main
+
+    with pytest.raises(SystemExit) as exited:  # argparse's own usage errors end in SystemExit(2)
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == "", out
+    assert err.startswith("lora-core: error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
     "case",
     ["output_dir_is_a_file", "output_dir_under_a_file", "merge_out_under_a_file",
      "quantize_output_is_a_folder", "quantize_output_under_a_file", "bad_choice"],

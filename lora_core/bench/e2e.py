@@ -57,6 +57,7 @@ from lora_core.bench.e2e_cases import (
     write_checkpoint,
 )
 from lora_core.bench.e2e_report import MALLOC_CASES, evaluate_targets, format_table, loss_agreement, plot
+from lora_core.one_line_parser import OneLineParser
 
 
 def run_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namespace, device: torch.device,
@@ -117,7 +118,7 @@ def run_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namespac
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_e2e", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="lora-core bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--case", choices=["default", "7b"], default="default", help="model size (see module doc)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer hidden-64 model (smoke test)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu needs --tiny or --model")

@@ -27,6 +27,7 @@ import torch
 
 from lora_core.atomic import atomic_write
 from lora_core.bench.common import parse_shape, pyplot, time_us, versions, write_json
+from lora_core.one_line_parser import OneLineParser
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (8192, 8192), (28672, 8192), (11008, 4096), (4096, 11008)]
 M_VALUES: list[int] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-core bench", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="lora-core bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=parse_shape, nargs="+", default=SHAPES, help="weights N×K (default: all)")
     p.add_argument("--m", type=int, nargs="+", default=M_VALUES, help="rows of x to sweep")
     p.add_argument("--ops", nargs="+", default=["dequantize", "matmul", "grad"],

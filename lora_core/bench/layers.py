@@ -30,6 +30,7 @@ from torch import nn
 
 from lora_core.atomic import atomic_write
 from lora_core.bench.common import parse_shape, pyplot, time_us, versions, write_json
+from lora_core.one_line_parser import OneLineParser
 
 SHAPES: list[tuple[int, int]] = [(4096, 4096), (11008, 4096)]  # (out, in)
 M_VALUES: list[int] = [4096, 16384]
@@ -203,7 +204,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_lora_layer", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="lora-core bench layer", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=parse_shape, nargs="+", default=SHAPES, help="weights out×in")
     p.add_argument("--m", type=int, nargs="+", default=M_VALUES, help="tokens per step")
     p.add_argument("--r", type=int, default=16)

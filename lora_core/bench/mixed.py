@@ -45,6 +45,7 @@ from torch import nn
 from lora_core.atomic import atomic_write, atomic_write_text
 from lora_core.bench.common import pyplot, time_us, versions, write_json
 from lora_core.bench.e2e_cases import TARGET_MODULES, llama_config
+from lora_core.one_line_parser import OneLineParser
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 12,
@@ -223,7 +224,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_mixed", description=(__doc__ or "").split("\n\n")[0])
+    p = OneLineParser(prog="lora-core bench mixed", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), default=None, help="full on CUDA, small on the CPU")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="cuda when available")
     p.add_argument("--cases", nargs="+", choices=CASES, default=CASES)

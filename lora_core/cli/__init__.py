@@ -28,22 +28,13 @@ from typing import Any
 from lora_core import __version__
 from lora_core.atomic import atomic_write, atomic_write_dir
 from lora_core.cli.common import TINY, CliError, check_output_path, read_json
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line ``lora-core: error: ...`` and exit 2 like every other error
-    (``--help`` still prints the usage)."""
-
-    def error(self, message: str) -> Any:
-        command = self.prog.removeprefix("lora-core").strip()  # "finetune" for a subcommand's parser
-        self.exit(2, f"lora-core: error: {command + ': ' if command else ''}{' '.join(message.split())}\n")
-
+from lora_core.one_line_parser import OneLineParser
 
 # ---------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lora-core", description="LoRA / QLoRA fine-tuning with lora_core.")
+    parser = OneLineParser(prog="lora-core", description="LoRA / QLoRA fine-tuning with lora_core.")
     parser.add_argument("--version", action="version", version=f"lora-core {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
