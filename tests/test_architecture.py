@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = {
     "lora_core.atomic": 0,
     "lora_core.one_line_parser": 0,
+    "lora_core.native": 0,
     "lora_core.quant": 1,
     "lora_core.kernels": 2,
     "lora_core.dispatch": 3,

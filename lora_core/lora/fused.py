@@ -60,17 +60,9 @@ from torch import Tensor
 
 from lora_core import dispatch
 from lora_core.lora.bases import DenseBase, FrozenBase
+from lora_core.lora.dropout import dropout_mask
 
-# ---- dropout regenerated from a seed ------------------------------------------------------------------
-
-
-def dropout_mask(like: Tensor, p: float, seed: int) -> Tensor:  # same shape/dtype/device as `like`
-    """``mask' = Bernoulli(1 − p) / (1 − p)``, a pure function of ``(seed, shape, dtype, device)``: the
-    forward draws it, the backward draws the same one again, so no mask is ever stored (LoRA §4.1)."""
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    mask = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return mask.bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
+# ---- dropout regenerated from a seed (the mask: lora.dropout) ----------------------------------------------
 
 
 def _draw_seed() -> int:

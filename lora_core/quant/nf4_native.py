@@ -15,28 +15,21 @@ is added), so the result equals `nf4_dequantize_ref` bit for bit, as `nf4_lookup
 ≈ 85 ms with AVX2, against ≈ 200 ms for the torch gather (and for scalar C) and ≈ 55 ms for bitsandbytes'
 two-thread C++ (this 2-core AMD EPYC).
 
-The C source below is compiled once per process, on first use, with the system's C compiler (``$CC``,
-else ``cc`` / ``gcc``; ``-O3 -march=native``, ≈ 0.2 s) into a temporary folder, loaded with ctypes (the
-call releases the GIL) and the file removed. Where that cannot happen — not Linux on x86-64, no compiler,
-a failed build, a CPU with neither AVX-512F nor AVX2, or ``LORA_CORE_NATIVE=0`` — `library()` is None and
-`nf4_lookup` uses torch's gather: the same bits, only slower. `status()` says which and why.
+The C source below is compiled once per process, on first use, by `lora_core.native.compile_c` (the
+system's C compiler, ``-O3 -march=native``, ≈ 0.2 s; loaded with ctypes, the call releases the GIL).
+Where that cannot happen — not Linux on x86-64, no compiler, a failed build, a CPU with neither AVX-512F
+nor AVX2, or ``LORA_CORE_NATIVE=0`` — `library()` is None and `nf4_lookup` uses torch's gather: the same
+bits, only slower. `status()` says which and why.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
-OPT_OUT = "LORA_CORE_NATIVE"  # "0": never compile, use torch's gather
+from lora_core.native import OPT_OUT, compile_c
 
 C_SOURCE = r"""
 #include <stdint.h>
@@ -112,28 +105,11 @@ void nf4_dequantize(const uint8_t *restrict packed, const float *restrict code, 
 
 
 def build(flags: tuple[str, ...] = ("-O3", "-march=native")) -> ctypes.CDLL | str:
-    """Compile ``C_SOURCE`` with ``flags`` and load it; the library, or why not (a one-line reason)."""
-    if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"{OPT_OUT}={os.environ[OPT_OUT]}"
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-        return f"not Linux on x86-64 ({sys.platform}, {platform.machine()})"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return "no C compiler (set CC, or install cc / gcc)"
-    with tempfile.TemporaryDirectory(prefix="lora_core_nf4_") as tmp:
-        src, lib = Path(tmp) / "nf4.c", Path(tmp) / "nf4.so"
-        src.write_text(C_SOURCE)
-        try:
-            done = subprocess.run([cc, *flags, "-std=c11", "-shared", "-fPIC", "-o", str(lib), str(src)],
-                                  capture_output=True, text=True, timeout=120)  # fmt: skip
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"{cc} did not run: {e}"
-        if done.returncode != 0:
-            return f"{cc} failed: {(done.stderr.strip().splitlines() or ['?'])[0][:200]}"
-        try:
-            loaded = ctypes.CDLL(str(lib))  # mapped: the file can go with the folder
-        except OSError as e:
-            return f"the compiled library did not load: {e}"
+    """Compile ``C_SOURCE`` with ``flags`` and load it (`lora_core.native.compile_c`); the library, or
+    why not (a one-line reason)."""
+    loaded = compile_c(C_SOURCE, flags)
+    if isinstance(loaded, str):
+        return loaded
     loaded.nf4_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
     loaded.nf4_dequantize.restype = None
     return loaded

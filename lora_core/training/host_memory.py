@@ -27,6 +27,8 @@ import functools
 import os
 import sys
 
+from lora_core.native import opted_out
+
 OPT_OUT = "LORA_CORE_KEEP_FREED_MEMORY"  # "0": leave malloc as it is
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 _TRIM_BYTES = 2**31 - 1  # mallopt takes an int: trim on free only past 2 GiB free at the top of the heap
@@ -52,7 +54,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 def _why_not() -> str | None:
     """Why malloc should be left alone here, or None."""
-    if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if opted_out(OPT_OUT):
         return f"{OPT_OUT}={os.environ[OPT_OUT]}"
     if mine := [name for name in _USER_SETTINGS if name in os.environ]:
         return f"set by the environment ({', '.join(mine)})"
