@@ -99,7 +99,8 @@ def test_the_mask_has_bernoullis_law(p: float) -> None:
 
 def test_hashed_mask_into_refuses_what_the_c_would_misread() -> None:
     lib = dropout.library() or object()
-    for out, p in ((torch.empty(4, dtype=torch.float64), 0.1), (torch.empty(4, 2).T, 0.1), (torch.empty(4), 1.0)):
+    bad = ((torch.empty(4, dtype=torch.float64), 0.1), (torch.empty(4, 2).T, 0.1), (torch.empty(4), 1.0))
+    for out, p in bad:
         with pytest.raises(ValueError, match="contiguous float32 CPU tensor, 0 <= p < 1"):
             hashed_mask_into(lib, out, p, 0)
 
