@@ -77,6 +77,7 @@ def test_cpu_harness_runs_each_case_in_its_own_process_and_writes_json(tmp_path:
     data = json.loads((tmp_path / "bench_e2e_tiny.json").read_text())
     meta, rows = data["meta"], data["results"]
     assert meta["case"] == "tiny" and meta["device"].startswith("CPU") and meta["dtype"] == "float32"
+    assert meta["cases"]["c"] == "lora_core fp32 LoRA" and meta["cases"]["d"] == "PEFT fp32 LoRA"
     assert (meta["rounds"], meta["steps_per_round"], meta["steps"], meta["threads"]) == (2, 1, 2, 1)
     assert len(meta["load_average_before"]) == 3 and meta["targets"] == []
     by = cases_that_ran(meta, rows, proc)

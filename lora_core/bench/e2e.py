@@ -48,8 +48,10 @@ from lora_core.bench.e2e_cases import (
     MODELS,
     TARGET_MODULES,  # noqa: F401  (re-exported: read here by tests)
     build_case,
+    case_label,
     free_memory,
     meta,
+    model_dtype,
     param_dtype,
     profile_steps,
     quiet_libraries,
@@ -99,7 +101,8 @@ def run_case(key: str, ckpt: Path, spec: dict[str, Any], args: argparse.Namespac
     step_ms = [e[0].elapsed_time(e[1]) if cuda else 1e3 * e for e in events][args.warmup :]
     tokens = args.steps * batches[0].numel()
     row = {
-        "case": key, "label": CASES[key], "ran": True, "tokens_per_s": tokens / elapsed,
+        "case": key, "label": case_label(key, model_dtype(spec)), "ran": True,
+        "tokens_per_s": tokens / elapsed,
         "step_ms_median": float(torch.tensor(step_ms).median()), "step_ms": step_ms,
         "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
         "load_peak_gib": load_peak / GIB if load_peak is not None else None,
@@ -199,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 rows.append(run_case(key, ckpt, spec, args, device, batches))
             except (ImportError, RuntimeError, ValueError, TypeError) as err:  # bnb/PEFT missing, OOM, ...
-                rows.append({"case": key, "label": CASES[key], "ran": False,
+                rows.append({"case": key, "label": case_label(key, model_dtype(spec)), "ran": False,
                              "skipped": f"{type(err).__name__}: {err}"[:500]})  # fmt: skip
                 free_memory(device)
     finally:

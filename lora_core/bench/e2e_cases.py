@@ -38,6 +38,14 @@ CASES: dict[str, str] = {
     "d": "PEFT bf16 LoRA",
     "b0": "PEFT + bnb QLoRA, no prepare_model_for_kbit_training",
 }
+
+
+def case_label(key: str, dtype: torch.dtype) -> str:
+    """``CASES[key]`` naming the dtype the LoRA cases really run in (float32 on a CPU, bf16 by default)."""
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    return CASES[key].replace("bf16", short)
+
+
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
 
@@ -238,7 +246,8 @@ def meta(case: str, spec: dict[str, Any], args: argparse.Namespace, device: torc
         "dtype": str(model_dtype(spec)).removeprefix("torch."),
         "timer": "perf_counter between cuda.synchronize() over the timed steps; per-step CUDA events",
         "memory": "torch.cuda.max_memory_allocated, reset after loading, read after the last step",
-        "reference_h100": H100_REFERENCE.get(case), "cases": {k: CASES[k] for k in args.cases},
+        "reference_h100": H100_REFERENCE.get(case),
+        "cases": {k: case_label(k, model_dtype(spec)) for k in args.cases},
     }  # fmt: skip
 
 

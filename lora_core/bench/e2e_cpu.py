@@ -225,7 +225,7 @@ def _summarise(key: str, ready: dict[str, Any], rounds: list[list[float]], cpu_s
     per_round = [tokens_per_step * len(r) / sum(r) for r in rounds]
     kib = 1024 / GIB
     return {
-        "case": key, "label": e2e.CASES[key].replace("bf16", "fp32"), "ran": True,
+        "case": key, "label": e2e.case_label(key, torch.float32), "ran": True,
         "tokens_per_s": tokens_per_step / statistics.median(step_s),
         "tokens_per_s_mean": tokens_per_step * len(step_s) / sum(step_s),
         "tokens_per_s_rounds": per_round,
@@ -307,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
         tokens_per_step = spec["batch"] * spec["seq"]
         for key in args.cases:
             if key in failed:
-                rows.append({"case": key, "label": e2e.CASES[key], "ran": False, "skipped": failed[key]})
+                label = e2e.case_label(key, torch.float32)
+                rows.append({"case": key, "label": label, "ran": False, "skipped": failed[key]})
                 continue
             prof = str(args.out / f"bench_e2e_{model}_profile_{key}.txt") if args.profile else None
             final = workers[key].ask({"cmd": "finish", "profile": prof})

@@ -115,7 +115,7 @@ def plot(path: Path, case: str, rows: Sequence[dict[str, Any]], meta: dict[str, 
             ax.text(0.5, 0.5, "no GPU memory on the CPU", transform=ax.transAxes, ha="center")
     axes[0].set_title("higher is better (dashed: target vs b)", fontsize=8)
     axes[1].set_title("lower is better (dashed: b)", fontsize=8)
-    device = meta["device"]
+    device = meta["device"] + (f"; r = {meta['r']}, dropout {meta['dropout']}" if "r" in meta else "")
     if meta.get("keep_freed_memory"):  # the CPU harness: which cases ran with lc.train's malloc setting
         device += f"; malloc keeps freed memory in: {MALLOC_CASES[meta['keep_freed_memory']]}"
     fig.suptitle(f"{case}: " + ", ".join(f"{r['case']} = {r['label']}" for r in ran) + f"\n{device}",
