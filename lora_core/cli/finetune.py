@@ -50,7 +50,7 @@ RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "metrics.json", "loss_curve.png")
 RUN_FOLDERS = ("adapter",)
 
 # Defaults sized for the device: minutes on a 2-core CPU, a proper run on a GPU.
-# Measured on the 2-core AVX2 CPU here (shared): SmolLM2-135M QLoRA trains at 84 tokens/s (15 under load).
+# Measured on the 2-core CPU here (shared): SmolLM2-135M QLoRA trains at 127 tokens/s (15 under heavy load).
 CPU_DEFAULTS = {
     "steps": 24,
     "batch_size": 4,
