@@ -230,7 +230,15 @@ def _onednn_ok(x: Tensor, w: Tensor) -> bool:  # x (M, K), w (N, K): float32 CPU
     return (
         _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
         and x.dim() == 2 and w.dim() == 2 and x.numel() > 0 and w.numel() > 0
+        and not _broadcast(x) and not _broadcast(w)
     )  # fmt: skip
+
+
+def _broadcast(t: Tensor) -> bool:
+    """A stride of 0 along a dimension longer than 1: an ``expand``ed tensor, e.g. the gradient
+    ``y.sum().backward()`` sends. oneDNN reads one as a strided weight ≈ 100× slower than torch's mm
+    (a (512, 576) gradient times a (576, 16) adapter: 92 ms against 0.7), so it stays on torch."""
+    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
 
 
 _SKINNY = 64  # a side this small (the adapter rank) is cheap to copy: r·K floats against r·K·N FLOPs

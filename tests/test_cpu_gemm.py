@@ -52,6 +52,16 @@ def test_mm_of_transposed_activations_equals_float64(m: int, k: int, n: int) -> 
         assert torch.linalg.vector_norm(got - want) <= rtol * torch.linalg.vector_norm(want)
 
 
+def test_a_broadcast_operand_stays_on_torchs_mm() -> None:
+    """An ``expand``ed gradient (what ``y.sum().backward()`` sends back) goes to torch's mm, not oneDNN
+    (which reads a stride-0 weight ≈ 100× slower): the same bits as torch's product, on every route."""
+    g = torch.ones(1, 1).expand(512, 576)  # stride (0, 0)
+    b, w = _randn(576, 16, seed=0), _randn(576, 576, seed=1)
+    assert torch.equal(dispatch.mm(g, b), torch.mm(g, b))
+    assert torch.equal(dispatch.mm(g.T, _randn(512, 16, seed=2)), torch.mm(g.T, _randn(512, 16, seed=2)))
+    assert torch.equal(dispatch.linear(g, w), torch.nn.functional.linear(g, w))
+
+
 def test_linear_keeps_other_dtypes_and_empty_shapes_on_torch() -> None:
     x, w = _randn(3, 4, seed=0, dtype=torch.float64), _randn(5, 4, seed=1, dtype=torch.float64)
     assert torch.equal(dispatch.linear(x, w), torch.nn.functional.linear(x, w))  # float64: F.linear itself
