@@ -6,26 +6,18 @@ torch's generator where the C is not built."""
 from __future__ import annotations
 
 import os
-import platform
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from c_compiler import needs_c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_core.lora import dropout
 from lora_core.lora.dropout import dropout_mask, hashed_mask_into, kept_reference
-
-CAN_BUILD = (
-    sys.platform.startswith("linux")
-    and platform.machine() in ("x86_64", "AMD64")
-    and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-)
-needs_c = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux on x86-64 and a C compiler")
 
 
 @pytest.fixture(scope="module")

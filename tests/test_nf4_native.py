@@ -5,14 +5,11 @@ reference bit for bit. Every build this CPU can run is tested wherever a C compi
 
 from __future__ import annotations
 
-import os
-import platform
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from c_compiler import needs_c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,12 +17,7 @@ from lora_core.quant import nf4_native
 from lora_core.quant.nf4 import nf4_dequantize_ref, quantize_nf4
 from lora_core.quant.nf4_lookup import nf4_dequantize_lookup
 
-CAN_BUILD = (
-    sys.platform.startswith("linux")
-    and platform.machine() in ("x86_64", "AMD64")
-    and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-)
-pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux on x86-64 and a C compiler")
+pytestmark = needs_c
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
